@@ -1,0 +1,248 @@
+"""Config dataclasses: each subclasses the TRL config it extends and adds flat, validated fields.
+
+The field groups below are mixed in *before* the TRL config so that the parent's positional order
+(``output_dir`` first) is unchanged and the new fields come last. Every field has a ``help`` entry,
+so ``TrlParser``/``HfArgumentParser`` expose it on the command line and in YAML.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig
+
+from trl_regularizers.core.kl import KL_DIRECTIONS, kl_estimator_names
+from trl_regularizers.core.margins import LLAMA2_MARGIN_LARGE, LLAMA2_MARGIN_SMALL, MARGIN_SOURCES
+
+KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
+NLL_NORMALIZATIONS: tuple[str, ...] = ("completion", "sequence")
+MARGIN_LABEL_MAPS: dict[str, dict[str, float]] = {"llama2_small": LLAMA2_MARGIN_SMALL, "llama2_large": LLAMA2_MARGIN_LARGE}
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid. Allowed values: {', '.join(map(str, allowed))}.")
+
+
+def _at_least(name: str, value, low: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value >= low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}.")
+
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+@dataclass
+class PtxArguments:
+    r"""
+    > Pretraining-data mixing (PPO-ptx, eq. 6; [InstructGPT](https://huggingface.co/papers/2203.02155))
+
+    ptx_coef (`float`, *optional*, defaults to `0.0`):
+        Coefficient gamma of the token-mean NLL on batches of the `pretrain_dataset=` passed to the trainer.
+        `0.0` disables mixing.
+    ptx_batch_size (`int` or `None`, *optional*, defaults to `None`):
+        Sequences per ptx batch on each process. `None` uses `per_device_train_batch_size`.
+    ptx_block_size (`int`, *optional*, defaults to `256`):
+        Length in tokens of the packed ptx sequences.
+    ptx_text_field (`str`, *optional*, defaults to `"text"`):
+        Column of the pretraining dataset holding raw text (ignored if it already has `input_ids`).
+    """
+
+    ptx_coef: float = field(default=0.0, metadata={"help": "Coefficient gamma of the pretraining NLL (eq. 6, PPO-ptx). 0 disables it."})
+    ptx_batch_size: int | None = field(default=None, metadata={"help": "Sequences per ptx batch per process (default: per_device_train_batch_size)."})
+    ptx_block_size: int = field(default=256, metadata={"help": "Length in tokens of the packed ptx sequences."})
+    ptx_text_field: str = field(default="text", metadata={"help": "Text column of the pretraining dataset."})
+
+    def _validate_ptx(self) -> None:
+        _at_least("ptx_coef", self.ptx_coef, 0.0)
+        _positive("ptx_batch_size", self.ptx_batch_size, allow_none=True)
+        _at_least("ptx_block_size", self.ptx_block_size, 2)
+
+
+@dataclass
+class MarginArguments:
+    r"""
+    > Preference margins m(y_c, y_r) (eq. 9; [Llama 2](https://huggingface.co/papers/2307.09288))
+
+    margin_source (`str` or `None`, *optional*, defaults to `None`):
+        Where the per-pair margin comes from: `"column"` (a numeric column named `margin_column`),
+        `"rating"` (`margin_scale * (chosen - rejected)` from two rating columns), `"likert"` (the same
+        delta on a 1..`margin_likert_points` scale, divided by `points - 1`), or `"label"` (a preference
+        strength label mapped through `margin_label_map`). `None` adds no margin of ours.
+    margin_column (`str`, *optional*, defaults to `"margin"`):
+        Column read when `margin_source="column"`.
+    margin_chosen_rating_field (`str`, *optional*, defaults to `"chosen_rating"`):
+        Rating of the chosen completion (`"rating"`/`"likert"`).
+    margin_rejected_rating_field (`str`, *optional*, defaults to `"rejected_rating"`):
+        Rating of the rejected completion (`"rating"`/`"likert"`).
+    margin_label_field (`str`, *optional*, defaults to `"preference_strength"`):
+        Column of strength labels such as `"significantly better"` (`"label"`).
+    margin_label_map (`str`, *optional*, defaults to `"llama2_small"`):
+        `"llama2_small"` ({1, 2/3, 1/3, 0}), `"llama2_large"` ({3, 2, 1, 0}) or a JSON object mapping
+        labels to numbers. Labels are matched ignoring case and spacing; unknown labels are an error.
+    margin_likert_points (`int`, *optional*, defaults to `7`):
+        Number of points of the Likert scale.
+    margin_scale (`float`, *optional*, defaults to `1.0`):
+        Multiplier applied to every derived margin.
+    """
+
+    margin_source: str | None = field(default=None, metadata={"help": "Margin source.", "choices": [None, *MARGIN_SOURCES]})
+    margin_column: str = field(default="margin", metadata={"help": "Numeric margin column (margin_source='column')."})
+    margin_chosen_rating_field: str = field(default="chosen_rating", metadata={"help": "Rating column of the chosen completion."})
+    margin_rejected_rating_field: str = field(default="rejected_rating", metadata={"help": "Rating column of the rejected completion."})
+    margin_label_field: str = field(default="preference_strength", metadata={"help": "Preference-strength label column."})
+    margin_label_map: str = field(default="llama2_small", metadata={"help": "'llama2_small', 'llama2_large' or a JSON object label -> margin."})
+    margin_likert_points: int = field(default=7, metadata={"help": "Points of the Likert scale (margin_source='likert')."})
+    margin_scale: float = field(default=1.0, metadata={"help": "Multiplier applied to derived margins."})
+
+    def _validate_margins(self) -> None:
+        _choice("margin_source", self.margin_source, (None, *MARGIN_SOURCES))
+        _at_least("margin_likert_points", self.margin_likert_points, 2)
+        self.margin_labels()  # validates the map
+
+    def margin_labels(self) -> dict[str, float]:
+        """The label -> margin table named or spelled out by ``margin_label_map``."""
+        if self.margin_label_map in MARGIN_LABEL_MAPS:
+            return MARGIN_LABEL_MAPS[self.margin_label_map]
+        try:
+            table = json.loads(self.margin_label_map)
+        except json.JSONDecodeError:
+            table = None
+        if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
+            raise ValueError(
+                f"margin_label_map={self.margin_label_map!r} is not valid. Allowed values: "
+                f"{', '.join(MARGIN_LABEL_MAPS)}, or a JSON object mapping labels to numbers."
+            )
+        return {str(k): float(v) for k, v in table.items()}
+
+
+@dataclass
+class KLArguments:
+    r"""
+    > KL penalty to the reference policy (eq. 2-4; estimators from [Schulman 2020](http://joschu.net/blog/kl-approx.html))
+
+    The coefficient is the parent's `beta`. Estimator x placement changes the gradient: see
+    `docs/kl_estimators.md` for which combinations are unbiased for the reverse KL.
+
+    kl_estimator (`str`, *optional*):
+        `"k1"`, `"k2"`, `"k3"`, `"abs"` (per sampled token) or `"full"` (exact sum over the vocabulary,
+        computed in chunks; needs the reference logits, which costs a second logits tensor's memory).
+    kl_placement (`str`, *optional*):
+        `"loss"` adds beta * KL to the per-token loss; `"reward"` subtracts beta * (KL summed over the
+        completion) from each sequence's reward before advantages are computed (no gradient through it).
+    kl_direction (`str`, *optional*, defaults to `"reverse"`):
+        `"reverse"` for KL(pi || pi_ref), `"forward"` for KL(pi_ref || pi) (importance-weighted).
+    kl_clamp (`float` or `None`, *optional*, defaults to `20.0`):
+        Bound on |log pi - log pi_ref| applied before any exp, so k3 cannot overflow (trl #3015).
+        `None` disables it.
+    kl_target (`float` or `None`, *optional*, defaults to `None`):
+        If set, beta is adapted each optimizer step toward this KL per sequence
+        ([Ziegler et al. 2019](https://huggingface.co/papers/1909.08593)); beta must then be > 0.
+    kl_horizon (`float`, *optional*, defaults to `10000`):
+        Horizon K of the adaptive controller (steps for a 20% error to move beta by 20%).
+    """
+
+    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator.", "choices": list(kl_estimator_names())})
+    kl_placement: str = field(default="loss", metadata={"help": "Where the KL penalty goes.", "choices": list(KL_PLACEMENTS)})
+    kl_direction: str = field(default="reverse", metadata={"help": "KL direction.", "choices": list(KL_DIRECTIONS)})
+    kl_clamp: float | None = field(default=20.0, metadata={"help": "Bound on the log-ratio before exp (None: off)."})
+    kl_target: float | None = field(default=None, metadata={"help": "Target KL for adaptive beta (None: fixed beta)."})
+    kl_horizon: float = field(default=10_000.0, metadata={"help": "Horizon of the adaptive KL controller."})
+
+    def _validate_kl(self, coef: float) -> None:
+        _choice("kl_estimator", self.kl_estimator, kl_estimator_names())
+        _choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
+        _choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
+        _positive("kl_clamp", self.kl_clamp, allow_none=True)
+        _positive("kl_target", self.kl_target, allow_none=True)
+        _positive("kl_horizon", self.kl_horizon)
+        _at_least("beta", coef, 0.0)
+        if self.kl_target is not None and not coef > 0:
+            raise ValueError(f"kl_target={self.kl_target} needs beta > 0 to adapt from, got beta={coef}.")
+
+
+@dataclass
+class RegularizedDPOConfig(PtxArguments, MarginArguments, DPOConfig):
+    r"""
+    [`~trl.DPOConfig`] plus DPO+NLL (eq. 7-8), per-pair margins and pretraining mixing.
+
+    > DPO + NLL ([Pang et al. 2024](https://huggingface.co/papers/2404.19733))
+
+    nll_alpha (`float`, *optional*, defaults to `0.0`):
+        Weight alpha of the length-normalized NLL of the chosen completion, computed from the log-probs
+        the DPO forward already produced (no extra forward pass). `0.0` disables it.
+    nll_normalization (`str`, *optional*, defaults to `"completion"`):
+        Length the NLL is divided by: `"completion"` (chosen completion tokens) or `"sequence"`
+        (prompt + completion tokens, eq. 8's |c| + |y| with the prompt counted).
+
+    Margins (see [`MarginArguments`]) enter DPO as an offset inside the sigmoid,
+    `-log sigmoid(beta * delta - m)` ([ODPO](https://huggingface.co/papers/2402.10571)).
+    Pretraining mixing: see [`PtxArguments`].
+    """
+
+    nll_alpha: float = field(default=0.0, metadata={"help": "Weight of the chosen-completion NLL (eq. 7-8). 0 disables it."})
+    nll_normalization: str = field(default="completion", metadata={"help": "NLL length normalizer.", "choices": list(NLL_NORMALIZATIONS)})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least("nll_alpha", self.nll_alpha, 0.0)
+        _choice("nll_normalization", self.nll_normalization, NLL_NORMALIZATIONS)
+        self._validate_margins()
+        self._validate_ptx()
+
+
+@dataclass
+class RegularizedRewardConfig(PtxArguments, MarginArguments, RewardConfig):
+    r"""
+    [`~trl.RewardConfig`] plus the Llama 2 margin loss (eq. 9) with margins derived from ratings.
+
+    With `margin_source=None` the trainer behaves like [`~trl.RewardTrainer`], which already subtracts a
+    `margin` column when the dataset has one. Other sources derive that column before training; see
+    [`MarginArguments`]. Pretraining mixing ([`PtxArguments`]) applies to reward models with a language
+    modeling head only; see the trainer's docstring.
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_margins()
+        self._validate_ptx()
+
+
+@dataclass
+class RegularizedGRPOConfig(PtxArguments, KLArguments, GRPOConfig):
+    r"""
+    [`~trl.GRPOConfig`] plus a choice of KL estimator, placement, direction, clamp and adaptive control
+    ([`KLArguments`], coefficient = `beta`), and pretraining mixing ([`PtxArguments`]).
+
+    Defaults (`k3` in the loss, reverse) reproduce stock GRPO.
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_kl(self.beta)
+        self._validate_ptx()
+
+
+@dataclass
+class RegularizedRLOOConfig(PtxArguments, KLArguments, RLOOConfig):
+    r"""
+    [`~trl.RLOOConfig`] plus a choice of KL estimator, placement, direction, clamp and adaptive control
+    ([`KLArguments`], coefficient = `beta`), and pretraining mixing ([`PtxArguments`]).
+
+    Defaults (`k1` in the reward, reverse) reproduce stock RLOO.
+    """
+
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator.", "choices": list(kl_estimator_names())})
+    kl_placement: str = field(default="reward", metadata={"help": "Where the KL penalty goes.", "choices": list(KL_PLACEMENTS)})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_kl(self.beta)
+        self._validate_ptx()
