@@ -20,7 +20,7 @@ _LAZY = {
     "RegularizedPPOTrainer": "trainers.ppo",
     "RegularizedPPOConfig": "trainers.ppo",
     "AdaptiveKLCallback": "callbacks",
-    "KLDriftCallback": "callbacks",
+    "KLDriftCallback": "drift",
     "PtxStream": "ptx",
 }
 
