@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig
 
-from trl_regularizers.core.kl import KL_DIRECTIONS, kl_estimator_names
+from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, kl_estimator_names
 from trl_regularizers.core.margins import LLAMA2_MARGIN_LARGE, LLAMA2_MARGIN_SMALL, MARGIN_SOURCES
 
-KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
 NLL_NORMALIZATIONS: tuple[str, ...] = ("completion", "sequence")
 MARGIN_LABEL_MAPS: dict[str, dict[str, float]] = {"llama2_small": LLAMA2_MARGIN_SMALL, "llama2_large": LLAMA2_MARGIN_LARGE}
 

@@ -5,6 +5,8 @@ from trl_regularizers.core.full_kl import full_vocab_kl
 from trl_regularizers.core.kl import (
     KL_DIRECTIONS,
     KL_ESTIMATORS,
+    KL_PLACEMENTS,
+    UNBIASED_REVERSE_KL_GRADIENT,
     get_kl_estimator,
     kl_estimator_names,
     masked_mean,
@@ -27,6 +29,8 @@ __all__ = [
     "KLController",
     "KL_DIRECTIONS",
     "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
+    "UNBIASED_REVERSE_KL_GRADIENT",
     "LLAMA2_MARGIN_LARGE",
     "LLAMA2_MARGIN_SMALL",
     "MARGIN_SOURCES",

@@ -125,3 +125,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
+"""``loss``: the estimate is added to the loss (pathwise gradient through log pi only).
+``reward``: it is subtracted from the reward (score-function gradient, no gradient through it)."""
+
+UNBIASED_REVERSE_KL_GRADIENT: frozenset[tuple[str, str]] = frozenset({("k2", "loss"), ("full", "loss"), ("k1", "reward")})
+"""(estimator, placement) pairs whose expected gradient equals the gradient of KL(pi||pi_ref) for the reverse
+direction. Derived in docs/kl_estimators.md and checked by exact enumeration in tests/core/test_kl_gradients.py."""
