@@ -134,3 +134,7 @@ KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
 UNBIASED_REVERSE_KL_GRADIENT: frozenset[tuple[str, str]] = frozenset({("k2", "loss"), ("full", "loss"), ("k1", "reward")})
 """(estimator, placement) pairs whose expected gradient equals the gradient of KL(pi||pi_ref) for the reverse
 direction. Derived in docs/kl_estimators.md and checked by exact enumeration in tests/core/test_kl_gradients.py."""
+
+UNBIASED_FORWARD_KL_GRADIENT: frozenset[tuple[str, str]] = frozenset({("full", "loss")})
+"""The same for ``direction="forward"`` (gradient of KL(pi_ref||pi)). Note that reverse-direction k3 in the
+loss (GRPO's default) has the expected gradient of the *forward* KL (see docs/kl_estimators.md)."""

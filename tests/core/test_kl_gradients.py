@@ -1,0 +1,112 @@
+"""Which estimator x placement gives an unbiased gradient? Exact enumeration on a categorical policy.
+
+pi_theta = softmax(theta) over V tokens, pi_ref fixed. For a token y ~ pi_theta:
+* placement "loss"   -> expected gradient sum_y pi(y) d k(r_y) / d theta        (pathwise; pi(y) not differentiated)
+* placement "reward" -> expected gradient sum_y pi(y) k(r_y) d log pi(y) / d theta (score function; k not differentiated)
+The sets of pairs equal to the exact gradient of the KL are asserted against trl_regularizers.core.kl and the
+table in docs/kl_estimators.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_regularizers.core.full_kl import full_vocab_kl
+from trl_regularizers.core.kl import (
+    KL_PLACEMENTS,
+    UNBIASED_FORWARD_KL_GRADIENT,
+    UNBIASED_REVERSE_KL_GRADIENT,
+    kl_estimator_names,
+    per_token_kl,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "kl_estimators.md"
+
+
+def policy_and_reference(seed: int, vocab: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(vocab, generator=generator, dtype=torch.float64)
+    ref_logp = torch.log_softmax(torch.randn(vocab, generator=generator, dtype=torch.float64), -1)
+    return theta, ref_logp
+
+
+def exact_kl_gradient(theta, ref_logp, direction):
+    theta = theta.clone().requires_grad_()
+    logp = torch.log_softmax(theta, -1)
+    if direction == "reverse":
+        kl = (logp.exp() * (logp - ref_logp)).sum()
+    else:
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum()
+    return torch.autograd.grad(kl, theta)[0]
+
+
+def expected_gradient(theta, ref_logp, estimator, placement, direction):
+    theta = theta.clone().requires_grad_()
+    logp = torch.log_softmax(theta, -1)
+    weights = logp.exp().detach()
+    if estimator == "full":  # the exact KL at this position does not depend on the sampled token
+        values = full_vocab_kl(theta[None], ref_logp[None], direction=direction).double().expand(len(weights))
+    else:
+        values = per_token_kl(logp, ref_logp, estimator, direction)
+    if placement == "loss":
+        objective = (weights * values).sum()
+    else:
+        objective = (weights * values.detach() * logp).sum()
+    (grad,) = torch.autograd.grad(objective, theta, allow_unused=True)
+    return torch.zeros_like(theta) if grad is None else grad
+
+
+def unbiased_pairs(direction: str, seed: int) -> set[tuple[str, str]]:
+    theta, ref_logp = policy_and_reference(seed)
+    truth = exact_kl_gradient(theta, ref_logp, direction)
+    assert truth.abs().max() > 0.05  # a nontrivial case, so "biased" is detectable
+    found = set()
+    for estimator in kl_estimator_names():
+        for placement in KL_PLACEMENTS:
+            grad = expected_gradient(theta, ref_logp, estimator, placement, direction)
+            if torch.allclose(grad, truth, atol=1e-5, rtol=0):
+                found.add((estimator, placement))
+            else:
+                assert (grad - truth).abs().max() > 1e-3, (estimator, placement, direction)
+    return found
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unbiased_reverse_kl_gradient_table(seed):
+    assert unbiased_pairs("reverse", seed) == set(UNBIASED_REVERSE_KL_GRADIENT)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unbiased_forward_kl_gradient_table(seed):
+    assert unbiased_pairs("forward", seed) == set(UNBIASED_FORWARD_KL_GRADIENT)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_value_unbiased_estimators_need_both_gradient_parts(estimator):
+    """Loss part + reward part = the full gradient of E_pi[k]; for k1/k3 that is the reverse-KL gradient."""
+    theta, ref_logp = policy_and_reference(4)
+    both = sum(expected_gradient(theta, ref_logp, estimator, placement, "reverse") for placement in KL_PLACEMENTS)
+    torch.testing.assert_close(both, exact_kl_gradient(theta, ref_logp, "reverse"))
+
+
+def test_k3_in_the_loss_follows_the_forward_kl_gradient():
+    """GRPO's default (k3 in the loss) descends KL(pi_ref||pi) in expectation, not KL(pi||pi_ref)."""
+    theta, ref_logp = policy_and_reference(6)
+    torch.testing.assert_close(
+        expected_gradient(theta, ref_logp, "k3", "loss", "reverse"), exact_kl_gradient(theta, ref_logp, "forward")
+    )
+
+
+def test_docs_table_lists_exactly_the_unbiased_pairs():
+    """Each row of the docs table reads `| direction | estimator | loss cell | reward cell |`."""
+    documented = {"reverse": set(), "forward": set()}
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in DOCS.read_text().splitlines()]
+    for direction, estimator, loss_cell, reward_cell in (row for row in rows if len(row) == 4 and row[0] in documented):
+        for placement, cell in (("loss", loss_cell), ("reward", reward_cell)):
+            if cell.startswith("unbiased"):
+                documented[direction].add((estimator.strip("`"), placement))
+    assert documented["reverse"] == set(UNBIASED_REVERSE_KL_GRADIENT)
+    assert documented["forward"] == set(UNBIASED_FORWARD_KL_GRADIENT)
