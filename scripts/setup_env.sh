@@ -20,7 +20,7 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off)
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 # shellcheck disable=SC2086
 "${pip[@]}" $TORCH_SPEC
