@@ -1,0 +1,88 @@
+"""Config dataclasses: drop-in for the TRL configs, flat documented fields, errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, TrlParser
+
+from trl_regularizers.configs import (
+    KLArguments,
+    MarginArguments,
+    PtxArguments,
+    RegularizedDPOConfig,
+    RegularizedGRPOConfig,
+    RegularizedRewardConfig,
+    RegularizedRLOOConfig,
+)
+
+PAIRS = [
+    (RegularizedDPOConfig, DPOConfig),
+    (RegularizedRewardConfig, RewardConfig),
+    (RegularizedGRPOConfig, GRPOConfig),
+    (RegularizedRLOOConfig, RLOOConfig),
+]
+CPU = dict(bf16=False, report_to="none")
+
+
+def new_fields(ours, parent):
+    parent_names = {f.name for f in dataclasses.fields(parent)}
+    return [f for f in dataclasses.fields(ours) if f.name not in parent_names]
+
+
+@pytest.mark.parametrize("ours, parent", PAIRS)
+def test_parent_fields_keep_their_order_and_defaults(ours, parent, tmp_path):
+    ours_fields = [f.name for f in dataclasses.fields(ours)]
+    parent_fields = [f.name for f in dataclasses.fields(parent)]
+    assert ours_fields[: len(parent_fields)] == parent_fields  # positional use of the parent still works
+    mine, stock = ours(str(tmp_path), **CPU), parent(str(tmp_path), **CPU)
+    for name in parent_fields:
+        assert getattr(mine, name) == getattr(stock, name), name
+
+
+@pytest.mark.parametrize("ours, parent", PAIRS)
+def test_every_new_field_is_documented(ours, parent):
+    docs = "".join(cls.__doc__ or "" for cls in ours.__mro__ if cls in (ours, KLArguments, PtxArguments, MarginArguments))
+    for f in new_fields(ours, parent):
+        assert f.metadata.get("help"), f"{ours.__name__}.{f.name} has no help text"
+        assert f"{f.name} (`" in docs, f"{ours.__name__}.{f.name} is missing from the docstrings"
+
+
+@pytest.mark.parametrize(
+    "config, kwargs, message",
+    [
+        (RegularizedGRPOConfig, dict(kl_estimator="k9"), "kl_estimator='k9' is not valid. Allowed values: k1, k2, k3, abs, full"),
+        (RegularizedGRPOConfig, dict(kl_placement="advantage"), "kl_placement='advantage'.*loss, reward"),
+        (RegularizedRLOOConfig, dict(kl_direction="both"), "kl_direction='both'.*reverse, forward"),
+        (RegularizedGRPOConfig, dict(kl_clamp=0.0), "kl_clamp must be > 0"),
+        (RegularizedGRPOConfig, dict(kl_target=1.0, beta=0.0), "kl_target=1.0 needs beta > 0"),
+        (RegularizedRLOOConfig, dict(beta=-0.1), "beta must be >= 0"),
+        (RegularizedDPOConfig, dict(nll_alpha=-1.0), "nll_alpha must be >= 0"),
+        (RegularizedDPOConfig, dict(nll_normalization="tokens"), "nll_normalization='tokens'.*completion, sequence"),
+        (RegularizedDPOConfig, dict(ptx_coef=-0.5), "ptx_coef must be >= 0"),
+        (RegularizedRewardConfig, dict(margin_source="vibes"), "margin_source='vibes'.*column, rating, likert, label"),
+        (RegularizedRewardConfig, dict(margin_label_map="llama3"), "margin_label_map='llama3'.*llama2_small, llama2_large"),
+        (RegularizedRewardConfig, dict(margin_likert_points=1), "margin_likert_points must be >= 2"),
+    ],
+)
+def test_bad_values_raise_errors_naming_the_field(config, kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        config(str(tmp_path), **CPU, **kwargs)
+
+
+def test_rloo_and_grpo_defaults_are_the_stock_kl():
+    assert (RegularizedGRPOConfig("o", **CPU).kl_estimator, RegularizedGRPOConfig("o", **CPU).kl_placement) == ("k3", "loss")
+    assert (RegularizedRLOOConfig("o", **CPU).kl_estimator, RegularizedRLOOConfig("o", **CPU).kl_placement) == ("k1", "reward")
+
+
+def test_label_map_accepts_json():
+    config = RegularizedRewardConfig("o", **CPU, margin_label_map='{"A is better": 2, "tie": 0}')
+    assert config.margin_labels() == {"A is better": 2.0, "tie": 0.0}
+
+
+def test_yaml_and_command_line_reach_the_new_fields(tmp_path):
+    yaml_file = tmp_path / "grpo.yaml"
+    yaml_file.write_text("output_dir: out\nbf16: false\nbeta: 0.05\nkl_estimator: k2\nkl_placement: reward\nkl_target: 3.0\n")
+    (config,) = TrlParser((RegularizedGRPOConfig,)).parse_args_and_config(["--config", str(yaml_file), "--kl_clamp", "5"])
+    assert (config.kl_estimator, config.kl_placement, config.kl_target, config.kl_clamp, config.beta) == ("k2", "reward", 3.0, 5.0, 0.05)
