@@ -1,0 +1,123 @@
+"""Triton kernels for the exact full-vocabulary KL: one pass over each logits row forward, one backward.
+
+Both kernels treat a row pair ``(x, y)`` and compute KL(softmax(x) || softmax(y)); the reverse
+direction passes ``(logits, ref_logits)``, the forward direction ``(ref_logits, logits)``.
+
+Forward, per row and in float32: an online log-sum-exp of ``x`` and of ``y`` plus the running sum
+``T = sum_v exp(x_v - m) (x_v - y_v)``, so that ``KL = T / S_x - lse_x + lse_y``. Each lane keeps its
+own running max; since one of ``exp(m_old - m_new)`` and ``exp(x - m_new)`` is 1, an update costs a
+single ``exp`` per element and tensor. Backward writes the closed-form gradient w.r.t. the policy
+logits ``z`` in their dtype: reverse ``p (log p - log q - KL)``, forward ``p - q``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_V = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _online_update(m, s, x, valid):
+    """Add exp(x - m) into the running sum s, moving the running max m; returns (m, s, e, x_is_new_max)."""
+    e = tl.exp(-tl.abs(x - m))
+    new_max = x > m
+    s_new = tl.where(new_max, s * e + 1.0, s + e)
+    return tl.where(valid & new_max, x, m), tl.where(valid, s_new, s), e, new_max
+
+
+@triton.jit
+def _full_kl_fwd_kernel(
+    x_ptr, y_ptr, kl_ptr, lse_x_ptr, lse_y_ptr,
+    stride_x, stride_y, V,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    y_row = y_ptr + row * stride_y
+    offs = tl.arange(0, BLOCK)
+    m_x = tl.full([BLOCK], -3.0e38, tl.float32)
+    m_y = tl.full([BLOCK], -3.0e38, tl.float32)
+    s_x = tl.zeros([BLOCK], tl.float32)
+    s_y = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(0, V, BLOCK):
+        cols = start + offs
+        valid = cols < V
+        x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
+        y = tl.load(y_row + cols, mask=valid, other=0.0).to(tl.float32)
+        m_x, s_x, e, new_max = _online_update(m_x, s_x, x, valid)
+        t_new = tl.where(new_max, t * e + (x - y), t + e * (x - y))
+        t = tl.where(valid, t_new, t)
+        m_y, s_y, _, _ = _online_update(m_y, s_y, y, valid)
+    max_x = tl.max(m_x, axis=0)
+    scale_x = tl.exp(m_x - max_x)
+    sum_x = tl.sum(s_x * scale_x, axis=0)
+    t_sum = tl.sum(t * scale_x, axis=0)
+    max_y = tl.max(m_y, axis=0)
+    sum_y = tl.sum(s_y * tl.exp(m_y - max_y), axis=0)
+    lse_x = max_x + tl.log(sum_x)
+    lse_y = max_y + tl.log(sum_y)
+    tl.store(kl_ptr + row, t_sum / sum_x - lse_x + lse_y)
+    tl.store(lse_x_ptr + row, lse_x)
+    tl.store(lse_y_ptr + row, lse_y)
+
+
+@triton.jit
+def _full_kl_bwd_kernel(
+    z_ptr, r_ptr, grad_ptr, lse_z_ptr, lse_r_ptr, kl_ptr, grad_kl_ptr,
+    stride_z, stride_r, stride_grad, V,
+    REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    r_row = r_ptr + row * stride_r
+    g_row = grad_ptr + row * stride_grad
+    lse_z = tl.load(lse_z_ptr + row)
+    lse_r = tl.load(lse_r_ptr + row)
+    grad_kl = tl.load(grad_kl_ptr + row)
+    shift = lse_r - lse_z - tl.load(kl_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    for start in tl.range(0, V, BLOCK):
+        cols = start + offs
+        valid = cols < V
+        z = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
+        r = tl.load(r_row + cols, mask=valid, other=0.0).to(tl.float32)
+        p = tl.exp(z - lse_z)
+        if REVERSE:
+            g = p * (z - r + shift)
+        else:
+            g = p - tl.exp(r - lse_r)
+        tl.store(g_row + cols, (g * grad_kl).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def _block(vocab: int) -> int:
+    return min(BLOCK_V, triton.next_power_of_2(vocab))
+
+
+def full_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor, reverse: bool):
+    """Per-row KL, log-sum-exp of ``logits`` and of ``ref_logits`` (all float32 [N]) for [N, V] inputs."""
+    rows, vocab = logits.shape
+    kl = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse_x, lse_y = torch.empty_like(kl), torch.empty_like(kl)
+    x, y = (logits, ref_logits) if reverse else (ref_logits, logits)
+    _full_kl_fwd_kernel[(rows,)](
+        x, y, kl, lse_x, lse_y, x.stride(0), y.stride(0), vocab, BLOCK=_block(vocab), num_warps=NUM_WARPS
+    )
+    lse_z, lse_r = (lse_x, lse_y) if reverse else (lse_y, lse_x)
+    return kl, lse_z, lse_r
+
+
+def full_kl_backward(logits, ref_logits, lse_z, lse_r, kl, grad_kl, reverse: bool, out: torch.Tensor | None = None):
+    """Gradient of ``sum(grad_kl * kl)`` w.r.t. ``logits``, written into ``out`` (default: new, logits' dtype)."""
+    rows, vocab = logits.shape
+    grad = torch.empty_like(logits) if out is None else out
+    _full_kl_bwd_kernel[(rows,)](
+        logits, ref_logits, grad, lse_z, lse_r, kl, grad_kl.contiguous().float(),
+        logits.stride(0), ref_logits.stride(0), grad.stride(0), vocab,
+        REVERSE=reverse, BLOCK=_block(vocab), num_warps=NUM_WARPS,
+    )
+    return grad
