@@ -1,0 +1,104 @@
+"""Per-pair margin column for preference datasets, derived from ratings (eq. 9), shared by DPO and Reward.
+
+    dataset = add_margin_column(dataset, config)   # config: any MarginArguments (RegularizedDPOConfig, ...)
+
+adds a float ``margin`` column (the name TRL's RewardTrainer reads) according to ``config.margin_source``:
+``"column"`` copies and checks ``margin_column``; ``"rating"``, ``"likert"`` and ``"label"`` use the functions
+of ``trl_regularizers.core.margins``. Every row is checked (a missing or non-finite margin is an error naming
+the row, never a silently dropped term). Missing columns are an error naming them and listing the dataset's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+from trl_regularizers.configs import MarginArguments
+from trl_regularizers.core.margins import label_margin, likert_margin, normalize_label, rating_margin
+
+MARGIN = "margin"
+
+
+def column_names(dataset) -> list[str]:
+    """Columns of a ``Dataset`` or ``IterableDataset`` (the first example's keys when the schema is unknown)."""
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else list(next(iter(dataset)).keys())
+
+
+def margin_source_columns(args: MarginArguments) -> list[str]:
+    """Dataset columns that ``args.margin_source`` reads."""
+    return {
+        None: [],
+        "column": [args.margin_column],
+        "rating": [args.margin_chosen_rating_field, args.margin_rejected_rating_field],
+        "likert": [args.margin_chosen_rating_field, args.margin_rejected_rating_field],
+        "label": [args.margin_label_field],
+    }[args.margin_source]
+
+
+def _row_margin_fn(args: MarginArguments) -> Callable[[dict], float]:
+    chosen, rejected = args.margin_chosen_rating_field, args.margin_rejected_rating_field
+    if args.margin_source == "column":
+        return lambda row: _finite_margin(row[args.margin_column])
+    if args.margin_source == "rating":
+        return lambda row: rating_margin(row[chosen], row[rejected], args.margin_scale)
+    if args.margin_source == "likert":
+        return lambda row: likert_margin(row[chosen], row[rejected], args.margin_likert_points, args.margin_scale)
+    labels = args.margin_labels()
+    return lambda row: label_margin(row[args.margin_label_field], labels, args.margin_scale)
+
+
+def _finite_margin(value) -> float:
+    if value is None or isinstance(value, (str, bytes)) or not math.isfinite(float(value)):
+        raise ValueError(f"margin must be a finite number, got {value!r}")
+    return float(value)
+
+
+def add_margin_column(dataset, args: MarginArguments, dataset_name: str = "train"):
+    """Return ``dataset`` with a float ``margin`` column derived as ``args.margin_source`` says.
+
+    ``margin_source=None`` returns the dataset unchanged. An existing ``margin`` column is replaced by the
+    derived one. For an ``IterableDataset`` the rows are checked as they stream.
+
+    Raises:
+        ValueError: a column the source needs is missing (the message lists the dataset's columns), or a row
+            has a missing, non-finite or out-of-range rating/label (the message names the row).
+    """
+    if args.margin_source is None:
+        return dataset
+    available = column_names(dataset)
+    missing = [name for name in margin_source_columns(args) if name not in available]
+    if missing:
+        fields = {"column": "margin_column", "label": "margin_label_field"}.get(
+            args.margin_source, "margin_chosen_rating_field / margin_rejected_rating_field"
+        )
+        raise ValueError(
+            f"margin_source={args.margin_source!r} needs the column(s) {missing} in the {dataset_name} dataset, "
+            f"which has the columns {available}. Set {fields} to the right column name."
+        )
+    row_margin = _row_margin_fn(args)
+
+    def add_margin(row, index):
+        try:
+            return {MARGIN: row_margin(row)}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
+
+    return dataset.map(add_margin, with_indices=True)
+
+
+def margin_bucket_namer(args: MarginArguments) -> Callable[[float], str]:
+    """Name of the accuracy bucket of a margin value: the value rounded to 2 decimals (``"0.33"``), or, with
+    ``margin_source="label"``, the label(s) mapping to it (``"slightly_better"``)."""
+    by_value: dict[float, list[str]] = {}
+    if args.margin_source == "label":
+        for label, value in args.margin_labels().items():
+            slug = re.sub(r"[^0-9a-z]+", "_", normalize_label(label)).strip("_")
+            by_value.setdefault(round(args.margin_scale * value, 6), []).append(slug)
+
+    def name(value: float) -> str:
+        labels = by_value.get(round(value, 6))
+        return "|".join(labels) if labels else format(round(value, 2) + 0.0, "g")
+
+    return name
