@@ -80,3 +80,137 @@ def test_parity_with_stock_ppo_trainer(tmp_path, tiny_lm_path, tiny_rm_path):
         assert got["kl"] == pytest.approx(expected["objective/kl"], rel=1e-6, abs=1e-7)
         assert got["kl/coef"] == pytest.approx(0.05)
     assert ours.state.log_history[1]["loss/policy_avg"] != ours.state.log_history[0]["loss/policy_avg"]
+
+
+@pytest.fixture(scope="module")
+def kl_trainer(tmp_path_factory, tiny_lm_path, tiny_rm_path):
+    """One trainer whose KL options the KL tests set directly on `args`."""
+    return _regularized(tmp_path_factory.mktemp("kl"), tiny_lm_path, tiny_rm_path, kl_coef=0.1)
+
+
+def _hand_rollout():
+    """Two responses: the first ends at index 1 (index 2 is padding), the second fills all 3 positions."""
+    return {
+        "logprobs": torch.tensor([[-1.0, -2.0, 1.0], [-0.5, -3.0, -1.0]]),
+        "ref_logprobs": torch.tensor([[-1.5, -1.0, 1.0], [-0.5, -1.0, -4.0]]),
+        "padding_mask": torch.tensor([[False, False, True], [False, False, False]]),
+        "padding_mask_p1": torch.zeros(2, 3, dtype=torch.bool),
+        "sequence_lengths": torch.tensor([1, 2]),
+        "scores": torch.tensor([2.0, -1.0]),
+    }
+
+
+E = torch.e
+# log-ratios r = log pi - log pi_ref: [[0.5, -1.0, pad], [0.0, -2.0, 3.0]]
+HAND_KL = {
+    ("k1", "reverse", None): [[0.5, -1.0, 0.0], [0.0, -2.0, 3.0]],
+    ("k2", "reverse", None): [[0.125, 0.5, 0.0], [0.0, 2.0, 4.5]],
+    ("k3", "reverse", None): [[E**-0.5 - 0.5, E - 2.0, 0.0], [0.0, E**2 - 3.0, E**-3 + 2.0]],
+    ("abs", "reverse", None): [[0.5, 1.0, 0.0], [0.0, 2.0, 3.0]],
+    # forward: rho * k(s) with s = -r, rho = exp(s)
+    ("k1", "forward", None): [[-0.5 * E**-0.5, E, 0.0], [0.0, 2.0 * E**2, -3.0 * E**-3]],
+    # clamp bounds r to [-1.5, 1.5] before the estimator
+    ("k2", "reverse", 1.5): [[0.125, 0.5, 0.0], [0.0, 1.125, 1.125]],
+}
+
+
+@requires_trl_ppo
+@pytest.mark.parametrize(("estimator", "direction", "clamp"), list(HAND_KL))
+def test_kl_options_per_token_values(kl_trainer, estimator, direction, clamp):
+    """compute_kl gives the hand-computed per-token estimate, zero on padding, for every sampled-token option."""
+    kl_trainer.args.kl_estimator, kl_trainer.args.kl_direction, kl_trainer.args.kl_clamp = estimator, direction, clamp
+    kl = kl_trainer.compute_kl(_hand_rollout())
+    torch.testing.assert_close(kl, torch.tensor(HAND_KL[estimator, direction, clamp]), rtol=1e-6, atol=1e-6)
+
+
+@requires_trl_ppo
+def test_kl_penalty_enters_per_token_reward(kl_trainer):
+    """rewards_t = -kl_coef * KL_t, plus the score one past the last token (or on it when the response is full)."""
+    kl_trainer.args.kl_estimator, kl_trainer.args.kl_direction, kl_trainer.args.kl_clamp = "k2", "reverse", None
+    rollout = _hand_rollout()
+    rollout["kl"] = kl_trainer.compute_kl(rollout)
+    kl_trainer.compute_rewards(rollout)
+    assert rollout["kl_coef"] == 0.1
+    expected = [[-0.0125, -0.05, 2.0], [0.0, -0.2, -0.45 - 1.0]]
+    torch.testing.assert_close(rollout["rewards"], torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+@requires_trl_ppo
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_full_vocab_kl_matches_naive_kl_of_rollout_logits(tmp_path, tiny_lm_path, tiny_rm_path, direction):
+    """kl_estimator='full': the per-token KL equals a naive log-softmax KL between re-computed policy and reference
+    next-token distributions (at the sampling temperature) at every response position."""
+    from trl.experimental.ppo.ppo_trainer import forward
+
+    trainer = _regularized(tmp_path, tiny_lm_path, tiny_rm_path, kl_estimator="full", kl_direction=direction, temperature=0.7)
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    with torch.no_grad():
+        for parameter in policy.model.layers[-1].parameters():  # make the policy differ from the reference copy
+            parameter.add_(0.3 * torch.randn_like(parameter))
+        queries = next(iter(trainer.dataloader))["input_ids"]
+        rollout = trainer.rollout(queries)
+        kl = trainer.compute_kl(rollout)
+        context, pad = queries.shape[1], trainer.processing_class.pad_token_id
+        logp = (forward(policy, rollout["query_responses"], pad).logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
+        logq = (forward(trainer.ref_model, rollout["query_responses"], pad).logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
+    naive = (logp.exp() * (logp - logq)).sum(-1) if direction == "reverse" else (logq.exp() * (logq - logp)).sum(-1)
+    naive = naive.masked_fill(rollout["padding_mask"], 0)
+    assert naive.abs().max() > 1e-2  # the perturbation is visible
+    torch.testing.assert_close(kl, naive, rtol=1e-3, atol=1e-4)
+
+
+@requires_trl_ppo
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kl_placement": "loss"}, "kl_placement='loss' is not valid. Allowed values: reward"),
+        ({"kl_estimator": "k9"}, "kl_estimator='k9' is not valid. Allowed values: k1, k2, k3"),
+        ({"kl_target": 6.0, "kl_coef": 0.0}, "kl_target=6.0 needs kl_coef > 0"),
+        ({"kl_coef": -0.1}, "kl_coef must be >= 0"),
+        ({"ptx_coef": -1.0}, "ptx_coef must be >= 0"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(tmp_path, overrides, message):
+    from trl_regularizers.trainers.ppo import RegularizedPPOConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _config(RegularizedPPOConfig, tmp_path, **overrides)
+
+
+@requires_trl_ppo
+def test_resume_restores_adaptive_kl_coefficient_and_training_state(tmp_path, tiny_lm_path, tiny_rm_path):
+    """3 updates straight vs 2 + resume from checkpoint-2: the third update logs the same metrics and the same
+    adapted kl_coef (policy, value model, optimizer, scheduler, data order, RNG and controller all restored)."""
+    adaptive = dict(total_episodes=12, kl_target=1e-3, kl_horizon=8.0, save_strategy="steps", save_steps=1)
+    straight = _regularized(tmp_path / "straight", tiny_lm_path, tiny_rm_path, **adaptive)
+    straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    with open(checkpoint / "trl_regularizers_state.json") as handle:
+        saved = json.load(handle)["kl_controller"]
+
+    resumed = _regularized(tmp_path / "resumed", tiny_lm_path, tiny_rm_path, **adaptive)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    expected, got = straight.state.log_history[2], resumed.state.log_history[2]
+    assert len(resumed.state.log_history) == 3 and resumed.state.global_step == 3
+    assert saved["type"] == "adaptive" and got["kl/coef"] == pytest.approx(saved["value"])
+    assert got["kl/coef"] != pytest.approx(0.05)  # the coefficient did adapt, so a reset would show
+    for name, value in expected.items():
+        if name != "eps":
+            assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    assert resumed.kl_controller.value == straight.kl_controller.value
+
+
+@pytest.mark.skipif(HAS_PPO, reason=f"TRL {TRL_VERSION} still has trl.experimental.ppo; the error is for TRL >= 1.13 (latest-TRL run).")
+def test_import_error_on_trl_without_ppo_names_the_extra():
+    """On TRL >= 1.13 the PPO names raise an ImportError that says what to install and why; the rest still imports."""
+    import trl_regularizers
+
+    for load in (lambda: importlib.import_module("trl_regularizers.trainers.ppo"), lambda: trl_regularizers.RegularizedPPOTrainer):
+        with pytest.raises(ImportError) as error:
+            load()
+        message = str(error.value)
+        assert "pip install 'trl-regularizers[ppo]'" in message
+        assert "trl>=1.12,<1.13" in message and "removed trl.experimental.ppo in 1.13" in message
+        assert f"TRL {TRL_VERSION}" in message
+    assert trl_regularizers.RegularizedRLOOConfig.__name__ == "RegularizedRLOOConfig"

@@ -15,6 +15,7 @@ the update that ends a pass over the dataloader), and ``train(resume_from_checkp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
+import safetensors.torch
 import torch
 import trl
 from packaging.version import Version
@@ -30,14 +32,15 @@ from packaging.version import Version
 if Version(trl.__version__).release >= (1, 13):
     raise ImportError(
         f"RegularizedPPOTrainer needs TRL < 1.13, but TRL {trl.__version__} is installed: TRL removed "
-        "trl.experimental.ppo (PPOTrainer/PPOConfig) in 1.13. Install the PPO extra, "
+        "trl.experimental.ppo in 1.13 (it held PPOTrainer and PPOConfig). Install the PPO extra, "
         "`pip install 'trl-regularizers[ppo]'`, which pins trl>=1.12,<1.13. "
         "The other trl_regularizers trainers work with the latest TRL."
     )
 
 from transformers import GenerationConfig  # noqa: E402
-from transformers.trainer import TRAINER_STATE_NAME  # noqa: E402
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from trl.experimental.ppo.ppo_trainer import (  # noqa: E402
     INVALID_LOGPROB,
@@ -191,15 +194,35 @@ class RegularizedPPOTrainer(CheckpointedStateMixin, PPOTrainer):
     def _resume(self, checkpoint: str, batches) -> None:
         """Restore weights, optimizer, scheduler, step/episode, data position, RNG and regularizer state."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self._load_from_checkpoint(checkpoint, model=unwrapped.policy)
-        self._load_from_checkpoint(os.path.join(checkpoint, VALUE_MODEL_DIR), model=unwrapped.value_model)
-        self._load_optimizer_and_scheduler(checkpoint)
+        self._load_weights(checkpoint, unwrapped.policy)
+        self._load_weights(os.path.join(checkpoint, VALUE_MODEL_DIR), unwrapped.value_model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("Resuming RegularizedPPOTrainer is supported with DDP or one process, not DeepSpeed/FSDP.")
+        load = lambda name: torch.load(os.path.join(checkpoint, name), map_location="cpu", weights_only=True)  # noqa: E731
+        self.optimizer.load_state_dict(load(OPTIMIZER_NAME))
+        self.lr_scheduler.load_state_dict(load(SCHEDULER_NAME))
         saved = OnlineTrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
         self.state.global_step, self.state.episode, self.state.log_history = saved.global_step, saved.episode, saved.log_history
         for _ in range(saved.global_step):  # the sampler has its own generator: skipping replays the same order
             next(batches)
         self._load_rng_state(checkpoint)
         self._load_regularizer_state(checkpoint)
+
+    def _load_weights(self, folder: str, module: torch.nn.Module) -> None:
+        """Load `save_pretrained` weights into `module` in place, so the optimizer keeps its parameters."""
+        if hasattr(module, "peft_config"):  # PEFT: the Trainer loads the saved adapter
+            return self._load_from_checkpoint(folder, model=module)
+        index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else [SAFE_WEIGHTS_NAME]
+        state = {k: v for name in files for k, v in safetensors.torch.load_file(os.path.join(folder, name)).items()}
+        result = module.load_state_dict(state, strict=False)
+        aliases = defaultdict(set)  # tied parameters are saved once, under one of their names
+        for name, parameter in module.named_parameters(remove_duplicate=False):
+            aliases[id(parameter)].add(name)
+        tied = {name for names in aliases.values() if names & state.keys() for name in names}
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise RuntimeError(f"Checkpoint {folder} does not match {type(module).__name__}: missing "
+                               f"{sorted(set(result.missing_keys) - tied)}, unexpected {result.unexpected_keys}.")
 
     def _save_checkpoint(self, model, trial):
         """Parent checkpoint (policy, optimizer, scheduler, RNG, state) + regularizer state + value model."""
