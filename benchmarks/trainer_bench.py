@@ -1,0 +1,192 @@
+"""Stock TRL trainer vs. our regularized subclass, side by side in one process: step-time and peak-memory ratios.
+
+    python benchmarks/trainer_bench.py --profile cpu                  # tiny model, any machine
+    python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
+
+Each spec is a pair (stock, ours) of (trainer class, config class, extra config fields). Both start from the
+same saved model and data; they run in alternating order for ``--rounds`` rounds (stock first, then ours
+first, ...), and the first ``--warmup`` steps of each run are dropped. Step time is measured around each
+optimizer step (CUDA-synchronized); peak memory is ``torch.cuda.max_memory_allocated`` over the run (GPU only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
+
+from trl_regularizers.testing import byte_tokenizer, make_tiny_causal_lm
+
+PROFILES = {
+    # batch = per_device_train_batch_size pairs; prompt + completion bytes = tokens of the byte tokenizer
+    "cpu": dict(batch=2, prompt_len=24, completion_len=40, steps=8, model="tiny"),
+    "h100": dict(batch=8, prompt_len=256, completion_len=512, steps=12, model="qwen2-0.5b"),
+}
+
+
+@dataclass
+class Side:
+    trainer: str  # "trl.DPOTrainer" or "trl_regularizers.RegularizedDPOTrainer"
+    config: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass
+class Spec:
+    stock: Side
+    ours: Side
+    note: str
+
+
+STOCK_DPO = Side("trl.DPOTrainer", "trl.DPOConfig")
+OURS_DPO = "trl_regularizers.RegularizedDPOTrainer", "trl_regularizers.RegularizedDPOConfig"
+SPECS = {
+    "dpo": Spec(STOCK_DPO, Side(*OURS_DPO), "defaults: must match stock"),
+    "dpo_nll": Spec(STOCK_DPO, Side(*OURS_DPO, {"nll_alpha": 0.2}), "DPO+NLL (eq. 7-8), target <= 1.02x"),
+    "dpo_margin": Spec(STOCK_DPO, Side(*OURS_DPO, {"margin_source": "rating"}), "margins from ratings, target <= 1.02x"),
+    "dpo_sft_stock": Spec(STOCK_DPO, Side("trl.DPOTrainer", "trl.DPOConfig", {"loss_type": ["sigmoid", "sft"]}), "TRL's own sft term, for scale"),
+}
+
+
+def load(path: str):
+    module, name = path.rsplit(".", 1)
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def make_model(profile: dict, folder: str) -> str:
+    if profile["model"] == "tiny":
+        return make_tiny_causal_lm(folder)
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(  # Qwen2-0.5B shapes, random init
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_dataset(profile: dict, rows: int) -> Dataset:
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+
+    def text(n):
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    return Dataset.from_dict({
+        "prompt": [text(profile["prompt_len"]) for _ in range(rows)],
+        "chosen": [text(profile["completion_len"]) for _ in range(rows)],
+        "rejected": [text(profile["completion_len"]) for _ in range(rows)],
+        "chosen_rating": [rng.randint(4, 7) for _ in range(rows)],
+        "rejected_rating": [rng.randint(1, 3) for _ in range(rows)],
+    })
+
+
+def run_side(side: Side, model_path: str, dataset: Dataset, profile: dict, out_dir: str, seed: int) -> dict:
+    on_gpu = torch.cuda.is_available()
+    config = load(side.config)(
+        output_dir=out_dir, per_device_train_batch_size=profile["batch"], max_steps=profile["steps"], learning_rate=1e-6,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=on_gpu, gradient_checkpointing=False, seed=seed,
+        max_length=profile["prompt_len"] + profile["completion_len"], dataloader_num_workers=0, disable_tqdm=True, **side.fields,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    timer = StepTimer()
+    trainer = load(side.trainer)(model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer(), callbacks=[timer])
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    del trainer, model
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return {"times": timer.times, "peak_GiB": peak, "losses": losses}
+
+
+def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dict, rounds: int, warmup: int) -> dict:
+    runs = {"stock": [], "ours": []}
+    for round_index in range(rounds):
+        order = ("stock", "ours") if round_index % 2 == 0 else ("ours", "stock")
+        for which in order:
+            with tempfile.TemporaryDirectory() as out_dir:
+                runs[which].append(run_side(getattr(spec, which), model_path, dataset, profile, out_dir, seed=round_index))
+    result = {"note": spec.note}
+    for which, results in runs.items():
+        times = [t for r in results for t in r["times"][warmup:]]
+        peaks = [r["peak_GiB"] for r in results if r["peak_GiB"] is not None]
+        result[which] = {"median_s": statistics.median(times), "steps": len(times), "peak_GiB": max(peaks) if peaks else None,
+                         "first_losses": results[0]["losses"][:3]}
+    result["time_ratio"] = result["ours"]["median_s"] / result["stock"]["median_s"]
+    if result["stock"]["peak_GiB"]:
+        result["memory_ratio"] = result["ours"]["peak_GiB"] / result["stock"]["peak_GiB"]
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from: {', '.join(SPECS)}")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the profile's)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    profile = dict(PROFILES[args.profile])
+    if args.steps:
+        profile["steps"] = args.steps
+    import trl
+
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "profile": args.profile, **profile, "rounds": args.rounds, "warmup": args.warmup,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "trl": trl.__version__, "threads": torch.get_num_threads(), "results": {},
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        model_path = make_model(profile, folder)
+        dataset = make_dataset(profile, rows=profile["batch"] * profile["steps"])
+        for name in args.specs.split(","):
+            report["results"][name] = result = bench(name, SPECS[name], model_path, dataset, profile, args.rounds, args.warmup)
+            memory = f"  peak {result['stock']['peak_GiB']:.2f} -> {result['ours']['peak_GiB']:.2f} GiB ({result['memory_ratio']:.3f}x)" if "memory_ratio" in result else ""
+            print(f"{name:14s} step {result['stock']['median_s']:.4f} -> {result['ours']['median_s']:.4f} s "
+                  f"({result['time_ratio']:.3f}x){memory}   [{result['note']}]", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
