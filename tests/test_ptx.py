@@ -1,0 +1,246 @@
+"""Pretraining mixing: the packed/sharded/resumable PtxStream and the PtxMixin inside a real DPO trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.scripts.ptx_ddp import PtxDPO, preference_pairs, pretraining_texts
+from trl_regularizers.configs import RegularizedDPOConfig
+from trl_regularizers.ptx import PtxStream
+from trl_regularizers.testing import byte_tokenizer
+
+TOKENIZER = byte_tokenizer()
+EOS = TOKENIZER.eos_token_id
+
+
+def unique_token_docs(n: int = 20) -> list[list[int]]:
+    """Pre-tokenized documents of 2..6 tokens (100 tokens with EOS); no token id repeats, so distinct blocks differ."""
+    return [list(range(10 * i, 10 * i + i % 5 + 2)) for i in range(n)]
+
+
+def as_kind(kind: str, docs: list[list[int]]):
+    rows = {"input_ids": docs}
+    if kind == "list":
+        return [{"input_ids": doc} for doc in docs]
+    dataset = datasets.Dataset.from_dict(rows)
+    return dataset.to_iterable_dataset() if kind == "iterable" else dataset
+
+
+def draw(stream: PtxStream, n: int) -> list[torch.Tensor]:
+    return [stream.next_batch()["input_ids"] for _ in range(n)]
+
+
+# ---------------------------------------------------------------- stream
+
+
+def test_packs_text_with_eos_and_cycles():
+    stream = PtxStream(["abcdefgh"], TOKENIZER, block_size=3, batch_size=1)
+    batches = [stream.next_batch() for _ in range(4)]
+    assert [TOKENIZER.decode(b["input_ids"][0]) for b in batches] == ["abc", "def", "gh<|im_end|>", "abc"]
+    assert stream.state_dict() == {"epoch": 1, "block": 1, "block_size": 3, "seed": 0}
+    for batch in batches:
+        assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (1, 3)
+        assert torch.equal(batch["labels"], batch["input_ids"]) and batch["attention_mask"].eq(1).all()
+
+
+def test_packs_input_ids_in_the_documented_per_epoch_order():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, EOS]]  # the last one already ends with EOS
+    stream = PtxStream(datasets.Dataset.from_dict({"input_ids": docs, "text": ["ignored"] * 5}), TOKENIZER, 3, 1, seed=7)
+    assert stream.blocks_per_epoch == 16 // 3
+    for epoch in range(2):
+        order = np.random.default_rng(7 + epoch).permutation(len(docs))
+        packed = [t for i in order for t in (docs[i] if docs[i][-1] == EOS else docs[i] + [EOS])]
+        expected = [packed[3 * k : 3 * k + 3] for k in range(5)]
+        assert [b[0].tolist() for b in draw(stream, 5)] == expected
+
+
+@pytest.mark.parametrize("kind", ["dataset", "iterable"])
+def test_each_epoch_is_a_new_permutation_of_all_documents(kind):
+    docs = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(10)]  # + EOS: one document per 4-token block
+    blocks = [b.tolist() for batch in draw(PtxStream(as_kind(kind, docs), TOKENIZER, 4, 2, seed=1), 10) for b in batch]
+    epochs = [[tuple(b[:3]) for b in blocks[:10]], [tuple(b[:3]) for b in blocks[10:]]]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == [tuple(d) for d in docs]
+    assert epochs[0] != epochs[1]
+    other_seed = [tuple(b[0, :3].tolist()) for b in draw(PtxStream(as_kind(kind, docs), TOKENIZER, 4, 1, seed=2), 10)]
+    assert other_seed != epochs[0]
+
+
+@pytest.mark.parametrize("kind", ["list", "dataset", "iterable"])
+def test_processes_split_each_global_batch(kind):
+    docs = unique_token_docs()
+    shards = [PtxStream(as_kind(kind, docs), TOKENIZER, 4, 2, process_index=p, num_processes=2) for p in range(2)]
+    single = PtxStream(as_kind(kind, docs), TOKENIZER, 4, 4)
+    for step in range(14):  # 25 blocks per epoch, 4 per global batch: crosses two epoch boundaries
+        first, second = (s.next_batch()["input_ids"] for s in shards)
+        assert not {tuple(r) for r in first.tolist()} & {tuple(r) for r in second.tolist()}
+        assert torch.equal(torch.cat([first, second]), single.next_batch()["input_ids"]), step
+        assert shards[0].state_dict() == shards[1].state_dict() == single.state_dict()
+    assert single.state_dict()["epoch"] == 2
+
+
+@pytest.mark.parametrize("kind", ["list", "dataset", "iterable"])
+def test_resume_gives_the_batches_that_would_have_come(kind):
+    docs = unique_token_docs()
+    stream = PtxStream(as_kind(kind, docs), TOKENIZER, 4, 3, seed=3)
+    draw(stream, 6)
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = draw(stream, 5)  # 25 blocks per epoch, 8 batches of 3: crosses an epoch boundary
+    assert stream.state_dict()["epoch"] == 1
+
+    resumed = PtxStream(as_kind(kind, docs), TOKENIZER, 4, 3, seed=3)
+    assert not torch.equal(resumed.next_batch()["input_ids"], expected[0])  # without the state: different data
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(draw(resumed, 5), expected))
+
+
+def test_resume_with_another_block_size_warns():
+    stream = PtxStream(["abcdefgh"] * 4, TOKENIZER, block_size=3, batch_size=1)
+    with pytest.warns(UserWarning, match="block_size=4"):
+        stream.load_state_dict({"epoch": 0, "block": 1, "block_size": 4, "seed": 0})
+
+
+def test_stream_rejects_bad_datasets():
+    with pytest.raises(ValueError, match=r"'text'.*'content', 'id'"):
+        PtxStream(datasets.Dataset.from_dict({"content": ["x"], "id": [1]}), TOKENIZER, 4, 1)
+    with pytest.raises(ValueError, match=r"'body'.*'content'"):
+        PtxStream(datasets.Dataset.from_dict({"content": ["x"]}).to_iterable_dataset(), TOKENIZER, 4, 1, text_field="body")
+    with pytest.raises(ValueError, match=r"'text'.*'content'"):
+        PtxStream([{"content": "x"}], TOKENIZER, 4, 1)
+    with pytest.raises(ValueError, match=r"9 tokens, i.e. 2 blocks .* needs batch_size \* num_processes = 4"):
+        PtxStream(["abcdefgh"], TOKENIZER, block_size=4, batch_size=2, num_processes=2)
+    with pytest.raises(ValueError, match="yields 2 blocks"):
+        PtxStream(datasets.Dataset.from_dict({"text": ["abcdefgh"]}).to_iterable_dataset(), TOKENIZER, 4, 3).next_batch()
+    with pytest.raises(ValueError, match="empty"):
+        PtxStream([], TOKENIZER, 4, 1)
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        PtxStream("just a string", TOKENIZER, 4, 1)
+
+
+# ---------------------------------------------------------------- mixin in a trainer
+
+
+def make_trainer(model_path, tmp_path, pretrain_dataset=None, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"), bf16=False, report_to="none", gradient_checkpointing=False, max_steps=1,
+        per_device_train_batch_size=2, logging_steps=1, save_strategy="no", ptx_coef=0.5, ptx_block_size=16,
+    )
+    kwargs.update(overrides)
+    return PtxDPO(model_path, args=RegularizedDPOConfig(**kwargs), train_dataset=preference_pairs(), pretrain_dataset=pretrain_dataset)
+
+
+def record_ptx_batches(trainer) -> list[list]:
+    drawn, next_batch = [], trainer._ptx_stream.next_batch
+
+    def recording():
+        batch = next_batch()
+        drawn.append(batch["input_ids"].tolist())
+        return batch
+
+    trainer._ptx_stream.next_batch = recording
+    return drawn
+
+
+def nll_by_hand(model, input_ids: torch.Tensor) -> torch.Tensor:
+    logps = model(input_ids=input_ids).logits[:, :-1].float().log_softmax(-1)
+    return -logps.gather(-1, input_ids[:, 1:, None]).mean()
+
+
+def test_step_adds_coef_times_nll_with_one_extra_forward(tiny_lm_path, tmp_path):
+    texts = pretraining_texts()
+    trainer = make_trainer(tiny_lm_path, tmp_path, texts)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(1))
+    trainer.train()
+
+    first_batch = PtxStream(texts, TOKENIZER, 16, 2, seed=trainer.args.seed).next_batch()["input_ids"]
+    with torch.no_grad():
+        expected_nll = nll_by_hand(AutoModelForCausalLM.from_pretrained(tiny_lm_path), first_batch).item()
+    log = trainer.state.log_history[0]
+    assert log["ptx/nll"] == pytest.approx(expected_nll, rel=1e-5)
+    assert log["loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, rel=1e-5)  # DPO loss is log 2 at step 1
+    assert len(forwards) == 2  # the policy forward plus one ptx forward
+
+    stock = make_trainer(tiny_lm_path, tmp_path, None, ptx_coef=0.0)
+    forwards.clear()
+    stock.model.register_forward_hook(lambda *_: forwards.append(1))
+    stock.train()
+    assert len(forwards) == 1 and "ptx/nll" not in stock.state.log_history[0]
+    assert "ptx" not in getattr(stock, "_regularizer_state", {})
+
+
+@pytest.mark.parametrize("parent_scales_for_ga", [False, True], ids=["trainer-divides", "parent-divides"])
+def test_gradient_accumulation_gives_the_full_batch_gradient(tiny_lm_path, tmp_path, parent_scales_for_ga):
+    """Step-1 grad norm of the ptx term alone: (GA, per-device batch) = (1, 4) and (2, 2) both equal the
+    gradient of coef * NLL over the same 4 blocks, whether the Trainer divides the loss by GA (DPO/Reward/RLOO)
+    or the parent scales it itself (GRPO)."""
+    texts = pretraining_texts()
+
+    class PtxOnly(PtxDPO):
+        ptx_only = True
+        loss_is_scaled_for_ga = parent_scales_for_ga
+
+    norms = []
+    for ga, batch in [(1, 4), (2, 2)]:
+        args = RegularizedDPOConfig(
+            output_dir=str(tmp_path / f"ga{ga}"), bf16=False, report_to="none", gradient_checkpointing=False, max_steps=1,
+            per_device_train_batch_size=batch, gradient_accumulation_steps=ga, logging_steps=1, save_strategy="no",
+            ptx_coef=0.5, ptx_block_size=16,
+        )
+        trainer = PtxOnly(tiny_lm_path, args=args, train_dataset=preference_pairs(), pretrain_dataset=texts)
+        trainer.train()
+        norms.append(trainer.state.log_history[0]["grad_norm"])
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    (0.5 * nll_by_hand(model, PtxStream(texts, TOKENIZER, 16, 4, seed=42).next_batch()["input_ids"])).backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
+    assert norms == pytest.approx([expected, expected], rel=1e-4)
+
+
+def test_resumed_run_draws_the_same_ptx_batches(tiny_lm_path, tmp_path):
+    texts = pretraining_texts(8)  # 5 ptx batches per epoch: the run crosses an epoch boundary
+    common = dict(max_steps=3, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2)
+    full = make_trainer(tiny_lm_path, tmp_path / "full", texts, **common)
+    full_batches = record_ptx_batches(full)
+    full.train()
+    assert len(full_batches) == 6 and full._ptx_stream.state_dict()["epoch"] == 1
+
+    resumed = make_trainer(tiny_lm_path, tmp_path / "resumed", texts, **common)
+    resumed_batches = record_ptx_batches(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "run" / "checkpoint-2"))
+    assert full_batches[0] != full_batches[4]  # a stream restarted from scratch would not match
+    assert resumed_batches == full_batches[4:]
+    step3 = [[log["ptx/nll"] for log in t.state.log_history if log.get("step") == 3 and "ptx/nll" in log] for t in (full, resumed)]
+    assert step3[1] == pytest.approx(step3[0], rel=1e-5) and len(step3[0]) == 1
+
+
+def test_setup_errors_and_warnings(tiny_lm_path, tmp_path):
+    with pytest.raises(ValueError, match=r"ptx_coef=0.5 > 0 needs pretraining data: pass pretrain_dataset="):
+        make_trainer(tiny_lm_path, tmp_path, None)
+    with pytest.raises(ValueError, match=r"'text' \(ptx_text_field\).*'content', 'source'"):
+        make_trainer(tiny_lm_path, tmp_path, datasets.Dataset.from_dict({"content": ["x"], "source": ["y"]}))
+    with pytest.raises(ValueError, match="ptx_block_size=1024 exceeds the model's max_position_embeddings=512"):
+        make_trainer(tiny_lm_path, tmp_path, pretraining_texts(), ptx_block_size=1024)
+    with pytest.warns(UserWarning, match="ptx_coef=0.0"):
+        unused = make_trainer(tiny_lm_path, tmp_path, pretraining_texts(), ptx_coef=0.0)
+    unused.model.train()
+    assert unused._ptx_loss(unused.model) is None and "ptx" not in getattr(unused, "_regularizer_state", {})
+
+
+def test_ptx_loss_is_off_in_eval_and_names_non_finite_values(tiny_lm_path, tmp_path):
+    trainer = make_trainer(tiny_lm_path, tmp_path, pretraining_texts())
+    assert trainer._regularizer_state["ptx"] is trainer._ptx_stream
+    trainer.model.eval()
+    assert trainer._ptx_loss(trainer.model) is None
+    assert trainer._ptx_stream.state_dict()["block"] == 0  # eval draws nothing
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.model.get_output_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the ptx term is not finite"):
+        trainer._ptx_loss(trainer.model)
