@@ -55,6 +55,29 @@ def _finite_margin(value) -> float:
     return float(value)
 
 
+def _checked_rows(dataset, row_margin: Callable[[dict], float], dataset_name: str):
+    def add_margin(row, index):
+        try:
+            return {MARGIN: row_margin(row)}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
+
+    return dataset.map(add_margin, with_indices=True)
+
+
+def check_margin_column(dataset, dataset_name: str = "train"):
+    """Check that every row of an existing ``margin`` column is a finite number (TRL would train on NaN or
+    fail mid-run on None). Returns the dataset (re-mapped lazily for an ``IterableDataset``)."""
+    if getattr(dataset, "column_names", None) is None:
+        return _checked_rows(dataset, lambda row: _finite_margin(row[MARGIN]), dataset_name)
+    for index, value in enumerate(dataset[MARGIN]):
+        try:
+            _finite_margin(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
+    return dataset
+
+
 def add_margin_column(dataset, args: MarginArguments, dataset_name: str = "train"):
     """Return ``dataset`` with a float ``margin`` column derived as ``args.margin_source`` says.
 
@@ -77,15 +100,7 @@ def add_margin_column(dataset, args: MarginArguments, dataset_name: str = "train
             f"margin_source={args.margin_source!r} needs the column(s) {missing} in the {dataset_name} dataset, "
             f"which has the columns {available}. Set {fields} to the right column name."
         )
-    row_margin = _row_margin_fn(args)
-
-    def add_margin(row, index):
-        try:
-            return {MARGIN: row_margin(row)}
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
-
-    return dataset.map(add_margin, with_indices=True)
+    return _checked_rows(dataset, _row_margin_fn(args), dataset_name)
 
 
 def margin_bucket_namer(args: MarginArguments) -> Callable[[float], str]:
