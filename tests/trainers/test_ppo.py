@@ -56,10 +56,15 @@ def _trainer(trainer_cls, args, lm_path, rm_path, **extra):
     )
 
 
-def _regularized(tmp_path, lm_path, rm_path, **overrides):
+def _regularized(tmp_path, lm_path, rm_path, pretrain_dataset=None, **overrides):
     from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
 
-    return _trainer(RegularizedPPOTrainer, _config(RegularizedPPOConfig, tmp_path, **overrides), lm_path, rm_path)
+    args = _config(RegularizedPPOConfig, tmp_path, **overrides)
+    return _trainer(RegularizedPPOTrainer, args, lm_path, rm_path, pretrain_dataset=pretrain_dataset)
+
+
+PRETRAIN_TEXTS = [f"document {i}: the quick brown fox jumps over the lazy dog. " * 2 for i in range(6)]
+PTX = dict(ptx_coef=0.5, ptx_block_size=16, ptx_batch_size=2)
 
 
 @requires_trl_ppo
@@ -179,16 +184,19 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path, overrides, message
 
 @requires_trl_ppo
 def test_resume_restores_adaptive_kl_coefficient_and_training_state(tmp_path, tiny_lm_path, tiny_rm_path):
-    """3 updates straight vs 2 + resume from checkpoint-2: the third update logs the same metrics and the same
-    adapted kl_coef (policy, value model, optimizer, scheduler, data order, RNG and controller all restored)."""
-    adaptive = dict(total_episodes=12, kl_target=1e-3, kl_horizon=8.0, save_strategy="steps", save_steps=1)
-    straight = _regularized(tmp_path / "straight", tiny_lm_path, tiny_rm_path, **adaptive)
+    """3 updates straight vs 2 + resume from checkpoint-2: the third update logs the same metrics (ptx/nll included)
+    and the same adapted kl_coef: policy, value model, optimizer, scheduler, data order, RNG, KL controller and
+    ptx stream are all restored."""
+    adaptive = dict(total_episodes=12, kl_target=1e-3, kl_horizon=8.0, save_strategy="steps", save_steps=1, **PTX)
+    straight = _regularized(tmp_path / "straight", tiny_lm_path, tiny_rm_path, PRETRAIN_TEXTS, **adaptive)
     straight.train()
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     with open(checkpoint / "trl_regularizers_state.json") as handle:
-        saved = json.load(handle)["kl_controller"]
+        saved_state = json.load(handle)
+    saved = saved_state["kl_controller"]
+    assert saved_state["ptx"]["block"] == 2 * 4 * 2  # 2 updates x 4 micro-batches x ptx_batch_size blocks
 
-    resumed = _regularized(tmp_path / "resumed", tiny_lm_path, tiny_rm_path, **adaptive)
+    resumed = _regularized(tmp_path / "resumed", tiny_lm_path, tiny_rm_path, PRETRAIN_TEXTS, **adaptive)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
     expected, got = straight.state.log_history[2], resumed.state.log_history[2]
@@ -214,3 +222,55 @@ def test_import_error_on_trl_without_ppo_names_the_extra():
         assert "trl>=1.12,<1.13" in message and "removed trl.experimental.ppo in 1.13" in message
         assert f"TRL {TRL_VERSION}" in message
     assert trl_regularizers.RegularizedRLOOConfig.__name__ == "RegularizedRLOOConfig"
+
+
+@requires_trl_ppo
+def test_ptx_nll_is_mixed_into_each_micro_batch(tmp_path, tiny_lm_path, tiny_rm_path):
+    """One update, one epoch, GA=2: both micro-batches see the initial policy, so the logged ptx/nll is the mean NLL
+    of the initial policy on the stream's first two batches; and the ptx gradient changes the trained policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_regularizers.core.losses import ptx_nll
+    from trl_regularizers.ptx import PtxStream
+
+    one_update = dict(total_episodes=4, num_ppo_epochs=1)
+    with_ptx = _regularized(tmp_path / "ptx", tiny_lm_path, tiny_rm_path, PRETRAIN_TEXTS, **one_update, **PTX)
+    with_ptx.train()
+    without = _regularized(tmp_path / "no_ptx", tiny_lm_path, tiny_rm_path, **one_update)
+    without.train()
+
+    stream = PtxStream(PRETRAIN_TEXTS, AutoTokenizer.from_pretrained(tiny_lm_path), block_size=16, batch_size=2)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    with torch.no_grad():
+        expected = sum(ptx_nll(policy(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits, b["labels"]).item()
+                       for b in (stream.next_batch(), stream.next_batch())) / 2
+    logs, baseline = with_ptx.state.log_history[0], without.state.log_history[0]
+    assert logs["ptx/nll"] == pytest.approx(expected, rel=1e-5)
+    assert with_ptx.ptx_stream.state_dict()["block"] == 2 * 2  # two micro-batches x ptx_batch_size
+    assert logs["objective/scores"] == baseline["objective/scores"]  # same rollout ...
+    trained = [p.detach() for p in with_ptx.accelerator.unwrap_model(with_ptx.model).policy.parameters()]
+    plain = [p.detach() for p in without.accelerator.unwrap_model(without.model).policy.parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(trained, plain)) > 1e-6  # ... different update
+
+
+@requires_trl_ppo
+def test_ptx_coef_without_pretrain_dataset_fails_before_training(tmp_path, tiny_lm_path, tiny_rm_path):
+    with pytest.raises(ValueError, match="ptx_coef=0.5 needs pretrain_dataset="):
+        _regularized(tmp_path, tiny_lm_path, tiny_rm_path, **PTX)
+
+
+@requires_trl_ppo
+def test_one_optimizer_step_per_mini_batch(tmp_path, tiny_lm_path, tiny_rm_path):
+    """num_mini_batches=2: 2 updates x 2 epochs x 2 mini-batches = 8 optimizer steps (stock PPOTrainer takes 4,
+    one per gradient_accumulation_steps micro-batches, whatever num_mini_batches is)."""
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
+
+    counts = {}
+    for name, trainer_cls, config_cls in [("stock", PPOTrainer, PPOConfig), ("ours", RegularizedPPOTrainer, RegularizedPPOConfig)]:
+        trainer = _trainer(trainer_cls, _config(config_cls, tmp_path / name, num_mini_batches=2), tiny_lm_path, tiny_rm_path)
+        counts[name] = 0
+        trainer.optimizer.optimizer.register_step_post_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+        trainer.train()
+    assert counts == {"stock": 4, "ours": 8}

@@ -60,6 +60,7 @@ from trl_regularizers.core.full_kl import full_vocab_kl  # noqa: E402
 from trl_regularizers.core.kl import FULL_VOCAB_ESTIMATOR, kl_estimator_names, per_token_kl  # noqa: E402
 from trl_regularizers.core.control import make_kl_controller  # noqa: E402
 from trl_regularizers.core.losses import ptx_nll  # noqa: E402
+from trl_regularizers.ptx import PtxStream  # noqa: E402
 from trl_regularizers.trainers.common import CheckpointedStateMixin, check_finite, log_metric  # noqa: E402
 
 VALUE_MODEL_DIR = "value_model"
@@ -128,13 +129,12 @@ class RegularizedPPOTrainer(CheckpointedStateMixin, PPOTrainer):
         if self.ptx_stream is not None:
             self._regularizer_state["ptx"] = self.ptx_stream
 
-    def _make_ptx_stream(self, dataset):
-        from trl_regularizers.ptx import PtxStream
-
-        return PtxStream(dataset, self.processing_class, self.args.ptx_block_size,
-                         self.args.ptx_batch_size or self.args.per_device_train_batch_size,
-                         text_field=self.args.ptx_text_field, process_index=self.accelerator.process_index,
-                         num_processes=self.accelerator.num_processes, seed=self.args.seed)
+    def _make_ptx_stream(self, dataset) -> PtxStream:
+        with self.accelerator.main_process_first():  # a cached Dataset.map is written once
+            return PtxStream(dataset, self.processing_class, self.args.ptx_block_size,
+                             self.args.ptx_batch_size or self.args.per_device_train_batch_size,
+                             text_field=self.args.ptx_text_field, process_index=self.accelerator.process_index,
+                             num_processes=self.accelerator.num_processes, seed=self.args.seed)
 
     # ------------------------------------------------------------------ loop
     def train(self, resume_from_checkpoint: str | bool | None = None):
@@ -389,9 +389,10 @@ class RegularizedPPOTrainer(CheckpointedStateMixin, PPOTrainer):
             return 0.0
         batch = {k: v.to(self.accelerator.device) for k, v in self.ptx_stream.next_batch().items()}
         policy = self.accelerator.unwrap_model(self.model).policy  # plain LM forward, no value head
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = check_finite("ptx NLL", ptx_nll(logits, batch["labels"]))
-        log_metric(self, "ptx/nll", nll)
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        nll = ptx_nll(logits, batch["labels"])
+        log_metric(self, "ptx/nll", nll)  # gathered: every process sees a non-finite NLL and raises together
+        check_finite("ptx", torch.tensor(self._metrics["train"]["ptx/nll"][-1]))
         return self.args.ptx_coef * nll
 
     def log_update(self, rollout: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], start_time: float) -> None:
