@@ -17,16 +17,18 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
+from trl_regularizers.ptx import PtxMixin
 from trl_regularizers.trainers.kl_wiring import KLWiringMixin
 
 KL_REWARD_NAME = "kl_penalty"
 
 
-class RegularizedGRPOTrainer(KLWiringMixin, GRPOTrainer):
+class RegularizedGRPOTrainer(KLWiringMixin, PtxMixin, GRPOTrainer):
     """Drop-in ``GRPOTrainer`` configured by ``RegularizedGRPOConfig`` (see ``KLArguments``)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pretrain_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._setup_ptx(pretrain_dataset)
         self._kl_in_reward = self.beta != 0.0 and self.args.kl_placement == "reward"
         if self._kl_in_reward:
             if self.multi_objective_aggregation != "sum_then_normalize":
@@ -66,6 +68,11 @@ class RegularizedGRPOTrainer(KLWiringMixin, GRPOTrainer):
             unscorable = torch.isnan(rewards_per_func[:, :-1]).all(dim=1)
             rewards_per_func[unscorable, -1] = torch.nan
         return rewards_per_func
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ptx = self._ptx_loss(model)  # None in eval or without pretrain_dataset
+        return loss if ptx is None else loss + ptx
 
     def _compute_loss(self, model, inputs):
         if self.beta == 0.0:

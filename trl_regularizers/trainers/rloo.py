@@ -20,15 +20,17 @@ from __future__ import annotations
 import torch
 from trl import RLOOTrainer
 
+from trl_regularizers.ptx import PtxMixin
 from trl_regularizers.trainers.common import mode_of, scale_like_parent_loss
 from trl_regularizers.trainers.kl_wiring import KLWiringMixin
 
 
-class RegularizedRLOOTrainer(KLWiringMixin, RLOOTrainer):
+class RegularizedRLOOTrainer(KLWiringMixin, PtxMixin, RLOOTrainer):
     """Drop-in ``RLOOTrainer`` configured by ``RegularizedRLOOConfig`` (see ``KLArguments``)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pretrain_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._setup_ptx(pretrain_dataset)
         self._setup_kl(parent_kl=("k1", "reward"))
 
     def _generate_and_score_completions(self, inputs):
@@ -61,6 +63,11 @@ class RegularizedRLOOTrainer(KLWiringMixin, RLOOTrainer):
         if self._kl_native:  # TRL's own k1: only bound the reference
             return self._bounded_ref(old_logps, logps), entropies, aux_loss
         return old_logps - estimate, entropies, aux_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ptx = self._ptx_loss(model)  # None in eval or without pretrain_dataset
+        return loss if ptx is None else loss + ptx
 
     def _compute_loss(self, model, inputs):
         if self.beta == 0.0 or self.args.kl_placement == "reward":

