@@ -106,7 +106,8 @@ class RegularizedPPOTrainer(CheckpointedStateMixin, PPOTrainer):
 
     Takes the parent's arguments plus `pretrain_dataset=` (text or `input_ids` rows) for `ptx_coef > 0`.
     `train(resume_from_checkpoint=...)` restores policy, value model, optimizer, scheduler, step, RNG, KL
-    controller and ptx stream. Each stage below is a method to override.
+    controller and ptx stream (it replaces `CheckpointedStateMixin.train`, whose `_save_checkpoint` and
+    `_load_regularizer_state` it uses). Each stage below is a method to override.
     """
 
     def __init__(self, args: RegularizedPPOConfig, processing_class, model, ref_model, reward_model, train_dataset,
