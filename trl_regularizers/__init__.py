@@ -5,6 +5,9 @@ the ``[ppo]`` extra) raise their ImportError only when used.
 """
 
 from importlib import import_module
+from importlib.metadata import version
+
+from packaging.version import Version
 
 __version__ = "0.1.0"
 
@@ -24,7 +27,9 @@ _LAZY = {
     "PtxStream": "ptx",
 }
 
-__all__ = sorted(_LAZY)
+_PPO_NAMES = {"RegularizedPPOTrainer", "RegularizedPPOConfig"}
+# `import *` must work on every TRL: the PPO names exist only with TRL < 1.13 (the [ppo] extra).
+__all__ = sorted(name for name in _LAZY if name not in _PPO_NAMES or Version(version("trl")) < Version("1.13"))
 
 
 def __getattr__(name: str):
