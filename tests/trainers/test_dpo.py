@@ -193,3 +193,29 @@ def test_plain_dpo_config_is_refused(tiny_lm_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
     with pytest.raises(TypeError, match="RegularizedDPOConfig"):
         RegularizedDPOTrainer(model=model, args=config(tmp_path, cls=DPOConfig), train_dataset=preference_dataset())
+
+
+PRETRAIN_TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(12)]
+
+
+def test_ptx_adds_gamma_times_nll_and_one_forward(tiny_lm_path, tmp_path):
+    gamma = 0.5
+    args = config(tmp_path / "ours", max_steps=2, ptx_coef=gamma, ptx_block_size=16)
+    torch.manual_seed(0)
+    trainer = RegularizedDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_lm_path), args=args, train_dataset=preference_dataset(),
+        pretrain_dataset=Dataset.from_dict({"text": PRETRAIN_TEXTS}),
+    )
+    counter = ForwardCounter(trainer.model, trainer.ref_model)
+    trainer.train()
+    ours = [row for row in trainer.state.log_history if "loss" in row]
+    _, stock = train(DPOTrainer, config(tmp_path / "stock", cls=DPOConfig, max_steps=1), tiny_lm_path)
+    assert counter.calls == 2 * 3  # policy + reference + ptx per step
+    assert ours[0]["ptx/nll"] > 0
+    assert ours[0]["loss"] == pytest.approx(stock[0]["loss"] + gamma * ours[0]["ptx/nll"], rel=1e-5)
+
+
+def test_ptx_coef_without_pretrain_dataset_fails_before_training(tiny_lm_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    with pytest.raises(ValueError, match="pass pretrain_dataset="):
+        RegularizedDPOTrainer(model=model, args=config(tmp_path, ptx_coef=0.1), train_dataset=preference_dataset())

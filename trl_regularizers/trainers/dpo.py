@@ -15,6 +15,7 @@ from trl.trainer.utils import selective_log_softmax
 from trl_regularizers.configs import RegularizedDPOConfig
 from trl_regularizers.core.losses import length_normalized_nll, margin_preference_loss
 from trl_regularizers.data import MARGIN, add_margin_column
+from trl_regularizers.ptx import PtxMixin
 from trl_regularizers.trainers.common import check_finite, log_metric
 
 
@@ -58,14 +59,14 @@ class _MarginCollator:
         return batch
 
 
-class RegularizedDPOTrainer(DPOTrainer):
+class RegularizedDPOTrainer(PtxMixin, DPOTrainer):
     """[`~trl.DPOTrainer`] with the options of [`RegularizedDPOConfig`]; identical to it at their defaults.
 
     Extra keyword argument: ``pretrain_dataset`` (a `datasets.Dataset` or iterable with a text column, or
     tokenized ``input_ids``) for pretraining mixing with ``ptx_coef > 0``.
     """
 
-    def __init__(self, model, ref_model=None, args: RegularizedDPOConfig | None = None, *parent_args, **kwargs):
+    def __init__(self, model, ref_model=None, args: RegularizedDPOConfig | None = None, *parent_args, pretrain_dataset=None, **kwargs):
         if args is None:
             args = RegularizedDPOConfig(output_dir="trainer_output")
         if not isinstance(args, RegularizedDPOConfig):
@@ -79,6 +80,7 @@ class RegularizedDPOTrainer(DPOTrainer):
                     self.accelerator.unwrap_model(module).register_forward_hook(self._capture_output)
         if args.margin_source is not None:
             self.data_collator = _MarginCollator(self.data_collator)
+        self._setup_ptx(pretrain_dataset)
 
     def _capture_output(self, module, module_args, output):
         if self._captured is not None:
@@ -106,6 +108,9 @@ class RegularizedDPOTrainer(DPOTrainer):
         loss, outputs = result if return_outputs else (result, None)
         if hooked:
             loss = loss + self._nll_term(captured[0], inputs) + self._margin_term(captured, inputs, margin)
+        ptx = self._ptx_loss(model)  # after the capture is closed: its forward is not the policy's
+        if ptx is not None:
+            loss = loss + ptx
         return (loss, outputs) if return_outputs else loss
 
     def _nll_term(self, policy_output, inputs) -> torch.Tensor | float:
