@@ -219,3 +219,21 @@ def test_ptx_coef_without_pretrain_dataset_fails_before_training(tiny_lm_path, t
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
     with pytest.raises(ValueError, match="pass pretrain_dataset="):
         RegularizedDPOTrainer(model=model, args=config(tmp_path, ptx_coef=0.1), train_dataset=preference_dataset())
+
+
+def test_eval_applies_margins_to_a_dataset_passed_to_evaluate(tiny_lm_path, tmp_path):
+    args = config(tmp_path, per_device_eval_batch_size=2, margin_source="rating", margin_scale=0.25)
+    trainer = RegularizedDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_lm_path), args=args, train_dataset=preference_dataset())
+    metrics = trainer.evaluate(preference_dataset())  # before training policy == reference, so beta * delta = 0
+    margins = [0.25 * (c - r) for *_, c, r in PAIRS]
+    assert metrics["eval_loss"] == pytest.approx(sum(odpo_loss(0.0, m) for m in margins) / len(margins), rel=1e-5)
+    assert metrics["eval_margin/mean"] == pytest.approx(sum(margins) / len(margins), rel=1e-5)
+
+
+def test_gradient_accumulation_gives_the_same_step(tiny_lm_path, tmp_path):
+    """NLL and margin terms are added unscaled, so GA=2 x 1 pair and GA=1 x 2 pairs give the same gradient."""
+    options = dict(max_steps=1, nll_alpha=0.5, margin_source="likert", margin_scale=3.0)
+    _, accumulated = train(RegularizedDPOTrainer, config(tmp_path / "ga2", per_device_train_batch_size=1, gradient_accumulation_steps=2, **options), tiny_lm_path)
+    _, single = train(RegularizedDPOTrainer, config(tmp_path / "ga1", per_device_train_batch_size=2, **options), tiny_lm_path)
+    assert accumulated[0]["grad_norm"] == pytest.approx(single[0]["grad_norm"], rel=1e-5)
+    assert accumulated[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
