@@ -215,14 +215,54 @@ def test_bias_warnings(tiny_lm_path, tmp_path, recwarn):
 
 
 def test_invalid_combinations_fail_before_training(tiny_lm_path, tmp_path):
-    with pytest.raises(ValueError, match="kl_estimator='full' with kl_placement='reward'"):
+    with pytest.raises(ValueError, match="kl_estimator='full' is not supported by RegularizedGRPOTrainer"):
         RegularizedGRPOTrainer(
-            tiny_lm_path, reward_distinct,
-            online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full", kl_placement="reward"), prompts(),
+            tiny_lm_path, reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full"), prompts()
         )
+    with pytest.raises(TypeError, match="needs its Regularized\\*Config"):
+        RegularizedGRPOTrainer(tiny_lm_path, reward_distinct, online_args(GRPOConfig, tmp_path, beta=BETA), prompts())
     with pytest.raises(ValueError, match="multi_objective_aggregation='sum_then_normalize'"):
         RegularizedGRPOTrainer(
             tiny_lm_path, reward_distinct,
             online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_placement="reward", multi_objective_aggregation="normalize_then_sum"),
             prompts(),
         )
+
+
+def test_peft_and_gradient_accumulation_keep_parity_and_the_term(tiny_lm_path, tmp_path):
+    from peft import LoraConfig
+
+    def lora():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+    overrides = dict(beta=BETA, gradient_accumulation_steps=2, per_device_train_batch_size=2, num_generations=4)
+    stock_logs = train_logs(
+        GRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, online_args(GRPOConfig, tmp_path, **overrides), prompts(), peft_config=lora())
+    )
+    our_logs = train_logs(
+        RegularizedGRPOTrainer(
+            drifted_policy(tiny_lm_path), reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, **overrides), prompts(), peft_config=lora()
+        )
+    )
+    assert [[log[k] for k in ("loss", "grad_norm", "kl")] for log in our_logs] == [[log[k] for k in ("loss", "grad_norm", "kl")] for log in stock_logs]
+    assert our_logs[1]["kl"] > 0  # the adapter moved away from the reference (adapter disabled)
+
+    args = online_args(RegularizedGRPOConfig, tmp_path, kl_estimator="k2", **overrides)
+    trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts(), peft_config=lora())
+    train_logs(trainer)
+    assert len(trainer.losses) == 4  # 2 optimizer steps x 2 micro-batches
+    for loss, without_kl, inputs, logps in trainer.losses:
+        per_token = HAND_ESTIMATORS["k2"](logps - inputs["ref_per_token_logps"]) * inputs["completion_mask"]
+        # dapo: tokens of the generation batch (2 micro-batches) x GA / steps_per_generation (= GA)
+        torch.testing.assert_close(loss - without_kl, BETA * per_token.sum() / inputs["num_items_in_batch"], rtol=1e-4, atol=1e-8)
+
+
+def test_ptx_adds_coef_times_logged_nll(tiny_lm_path, tmp_path):
+    corpus = ["the quick brown fox jumps over the lazy dog " * 4] * 8
+    without = train_logs(
+        RegularizedGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, max_steps=1), prompts())
+    )
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, max_steps=1, ptx_coef=0.5, ptx_block_size=32)
+    (with_ptx,) = train_logs(RegularizedGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts(), pretrain_dataset=corpus))
+    assert with_ptx["ptx/nll"] > 1.0
+    assert with_ptx["loss"] == pytest.approx(without[0]["loss"] + 0.5 * with_ptx["ptx/nll"], rel=1e-5)

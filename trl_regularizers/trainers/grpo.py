@@ -29,6 +29,7 @@ class RegularizedGRPOTrainer(KLWiringMixin, PtxMixin, GRPOTrainer):
     def __init__(self, *args, pretrain_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._setup_ptx(pretrain_dataset)
+        self._setup_kl(parent_kl=("k3", "loss"), ratio_in_loss=self.args.use_bias_correction_kl)
         self._kl_in_reward = self.beta != 0.0 and self.args.kl_placement == "reward"
         if self._kl_in_reward:
             if self.multi_objective_aggregation != "sum_then_normalize":
@@ -41,7 +42,6 @@ class RegularizedGRPOTrainer(KLWiringMixin, PtxMixin, GRPOTrainer):
             self.reward_func_names.append(KL_REWARD_NAME)
             self.reward_processing_classes.append(None)
             self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
-        self._setup_kl(parent_kl=("k3", "loss"), ratio_in_loss=self.args.use_bias_correction_kl)
 
     def _generate_and_score_completions(self, inputs):
         if not self._kl_in_reward:

@@ -46,13 +46,19 @@ class KLWiringMixin:
         are the parent's to the bit wherever ``kl_clamp`` is inactive.
         """
         args = self.args
-        self._kl_native = (args.kl_estimator, args.kl_placement, args.kl_direction) == (*parent_kl, "reverse")
-        if args.kl_estimator == FULL_VOCAB_ESTIMATOR and args.kl_placement == "reward":
-            raise ValueError(
-                "kl_estimator='full' with kl_placement='reward' is not supported: in the reward the KL gets no "
-                "gradient, so the exact value buys nothing over 'k1' (the unbiased choice there) and costs the "
-                "reference logits of every rollout. Use kl_placement='loss', or kl_estimator='k1'."
+        if not hasattr(args, "kl_estimator"):
+            raise TypeError(
+                f"{type(self).__name__} needs its Regularized*Config (e.g. RegularizedGRPOConfig), got "
+                f"{type(args).__name__}: swap the config class together with the trainer class."
             )
+        if args.kl_estimator == FULL_VOCAB_ESTIMATOR:
+            raise ValueError(
+                f"kl_estimator='full' is not supported by {type(self).__name__} yet: TRL >= 1.15 computes the "
+                "policy log-probs with a fused LM head that returns no logits. In the loss, 'k2' (and 'k3' with "
+                "GRPO's use_bias_correction_kl) also gives an unbiased reverse-KL gradient. In the reward 'full' "
+                "would not help: the KL gets no gradient there, and 'k1' is the unbiased choice."
+            )
+        self._kl_native = (args.kl_estimator, args.kl_placement, args.kl_direction) == (*parent_kl, "reverse")
         if not hasattr(self, "_regularizer_state"):
             self._regularizer_state = {}
         self._kl_callback = None
