@@ -24,7 +24,7 @@ def test_update_uses_the_mean_sequence_kl_of_the_step():
     callback.on_step_end(None, None, None)
     # mean KL 12.5 / 5 = 2.5: error 2.5 / 2 - 1 = 0.25, clipped to 0.2; beta *= 1 + 0.2 / 4
     assert trainer.beta == pytest.approx(0.1 * 1.05, rel=1e-12)
-    callback.observe(torch.tensor([1.8]))  # the window was reset: only this step's KL counts
+    callback.observe(torch.tensor([1.8], dtype=torch.float64))  # the window was reset: only this step's KL counts
     callback.on_step_end(None, None, None)
     assert trainer.beta == pytest.approx(0.1 * 1.05 * (1 + (1.8 / 2 - 1) / 4), rel=1e-12)
 
