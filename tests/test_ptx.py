@@ -244,3 +244,20 @@ def test_ptx_loss_is_off_in_eval_and_names_non_finite_values(tiny_lm_path, tmp_p
         trainer.model.get_output_embeddings().weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="the ptx term is not finite"):
         trainer._ptx_loss(trainer.model)
+
+
+def test_reward_model_without_lm_head_is_refused(tiny_rm_path, tmp_path):
+    import trl
+
+    from trl_regularizers.configs import RegularizedRewardConfig
+    from trl_regularizers.ptx import PtxMixin
+
+    class PtxReward(PtxMixin, trl.RewardTrainer):
+        def __init__(self, *args, pretrain_dataset=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._setup_ptx(pretrain_dataset)
+
+    args = RegularizedRewardConfig(output_dir=str(tmp_path), bf16=False, report_to="none", ptx_coef=0.1, ptx_block_size=16)
+    pairs = datasets.Dataset.from_dict({"chosen": ["good"] * 4, "rejected": ["bad"] * 4})
+    with pytest.raises(ValueError, match="ptx_coef=0.1 > 0 needs a model with a language-modeling head; .*ForSequenceClassification"):
+        PtxReward(tiny_rm_path, args=args, train_dataset=pairs, pretrain_dataset=pretraining_texts())

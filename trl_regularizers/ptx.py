@@ -4,6 +4,7 @@ pretraining batches, and the trainer mixin that adds ``ptx_coef * NLL`` on those
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from itertools import islice
 from typing import Any, Iterator
@@ -12,7 +13,13 @@ import numpy as np
 import torch
 
 from trl_regularizers.core.losses import ptx_nll
-from trl_regularizers.trainers.common import CheckpointedStateMixin, check_finite, log_metric, mode_of, scale_like_parent_loss
+from trl_regularizers.trainers.common import (
+    CheckpointedStateMixin,
+    check_finite,
+    log_metric,
+    mode_of,
+    scale_like_parent_loss,
+)
 
 INPUT_IDS = "input_ids"
 
@@ -20,9 +27,9 @@ INPUT_IDS = "input_ids"
 class PtxStream:
     """Packed, sharded, cycling, resumable stream of pretraining batches.
 
-    **Packing.** Each document is tokenized (or taken as is from an ``input_ids`` column), followed by the
-    EOS token (unless it already ends with one), and the documents are concatenated into one token stream
-    that is cut into blocks of ``block_size`` tokens. Blocks span document boundaries (no padding, no
+    **Packing.** Each document is tokenized (or taken as is from an ``input_ids`` column) and followed by
+    the tokenizer's EOS token (unless it already ends with one); the documents are concatenated into one
+    token stream that is cut into blocks of ``block_size`` tokens. Blocks span document boundaries (no padding, no
     cross-document masking, as in pretraining); the tokens left over at the end of an epoch are dropped.
     Every token of a block is a label.
 
@@ -35,7 +42,8 @@ class PtxStream:
     batch ``g`` is the ``batch_size * num_processes`` consecutive blocks that start at block
     ``g * batch_size * num_processes``, and process ``p`` takes rows ``p * batch_size`` to
     ``(p + 1) * batch_size`` of it. So the processes see different blocks, and together they see exactly
-    what one process with ``batch_size * num_processes`` rows would see.
+    what one process with ``batch_size * num_processes`` rows would see. Pass the whole dataset to every
+    process, not a per-process split.
 
     **Resume.** The state is ``{"epoch", "block"}`` (blocks of the epoch consumed by all processes together),
     identical on every process, JSON-serializable. After ``load_state_dict`` the next batch is the one that
@@ -180,15 +188,15 @@ class PtxStream:
     def _iterate_blocks(self, epoch: int, first_block: int) -> Iterator[list[int]]:
         dataset = self._iterable.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer_size)
         skip, buffer = first_block * self.block_size, []
-        for example in dataset:
-            ids = self._documents_of([example[self._column]])[INPUT_IDS][0]
-            if skip:
-                dropped = min(skip, len(ids))
-                ids, skip = ids[dropped:], skip - dropped
-            buffer.extend(ids)
-            while len(buffer) >= self.block_size:
-                yield buffer[: self.block_size]
-                del buffer[: self.block_size]
+        for rows in dataset.iter(batch_size=64):
+            for ids in self._documents_of(rows[self._column])[INPUT_IDS]:
+                if skip:
+                    dropped = min(skip, len(ids))
+                    ids, skip = ids[dropped:], skip - dropped
+                buffer.extend(ids)
+                while len(buffer) >= self.block_size:
+                    yield buffer[: self.block_size]
+                    del buffer[: self.block_size]
 
     def _next_global_batch(self) -> list[list[int]]:
         """The next ``global_batch_blocks`` blocks (all processes), moving to a new epoch when needed."""
@@ -257,16 +265,25 @@ class PtxMixin(CheckpointedStateMixin):
                 raise ValueError(f"ptx_coef={coef} > 0 needs pretraining data: pass pretrain_dataset= to the trainer.")
             return
         if coef == 0:
-            warnings.warn("pretrain_dataset is given but ptx_coef=0.0, so it is not used. Set ptx_coef > 0 to mix it in.", stacklevel=2)
+            warnings.warn(
+                "pretrain_dataset is given but ptx_coef=0.0, so it is not used. Set ptx_coef > 0 to mix it in.",
+                stacklevel=2,
+            )
             return
         if self.model.get_output_embeddings() is None:
             raise ValueError(
-                f"ptx_coef={coef} > 0 needs a model with a language-modeling head, and {type(self.model).__name__} has none."
+                f"ptx_coef={coef} > 0 needs a model with a language-modeling head; "
+                f"{type(self.model).__name__} has none."
             )
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         if max_positions is not None and self.args.ptx_block_size > max_positions:
-            raise ValueError(f"ptx_block_size={self.args.ptx_block_size} exceeds the model's max_position_embeddings={max_positions}.")
-        with self.accelerator.main_process_first():  # a cached Dataset.map is written once
+            raise ValueError(
+                f"ptx_block_size={self.args.ptx_block_size} exceeds the model's "
+                f"max_position_embeddings={max_positions}."
+            )
+        # A Dataset backed by cache files is tokenized once, by the main process; in-memory data by all at once.
+        cached = bool(getattr(pretrain_dataset, "cache_files", None))
+        with self.accelerator.main_process_first() if cached else contextlib.nullcontext():
             self._ptx_stream = PtxStream(
                 pretrain_dataset,
                 getattr(self.processing_class, "tokenizer", self.processing_class),
