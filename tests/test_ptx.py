@@ -261,3 +261,21 @@ def test_reward_model_without_lm_head_is_refused(tiny_rm_path, tmp_path):
     pairs = datasets.Dataset.from_dict({"chosen": ["good"] * 4, "rejected": ["bad"] * 4})
     with pytest.raises(ValueError, match="ptx_coef=0.1 > 0 needs a model with a language-modeling head; .*ForSequenceClassification"):
         PtxReward(tiny_rm_path, args=args, train_dataset=pairs, pretrain_dataset=pretraining_texts())
+
+
+def test_ptx_goes_through_a_peft_model(tiny_lm_path, tmp_path):
+    from peft import LoraConfig
+
+    texts = pretraining_texts()
+    args = RegularizedDPOConfig(
+        output_dir=str(tmp_path), bf16=False, report_to="none", gradient_checkpointing=False, max_steps=1,
+        per_device_train_batch_size=2, logging_steps=1, save_strategy="no", ptx_coef=0.5, ptx_block_size=16,
+    )
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = PtxDPO(tiny_lm_path, args=args, train_dataset=preference_pairs(), pretrain_dataset=texts, peft_config=peft_config)
+    trainer.train()
+    with torch.no_grad():  # LoRA starts as the identity, so step 1 sees the base model
+        batch = PtxStream(texts, TOKENIZER, 16, 2, seed=42).next_batch()["input_ids"]
+        expected_nll = nll_by_hand(AutoModelForCausalLM.from_pretrained(tiny_lm_path), batch).item()
+    assert trainer.state.log_history[0]["ptx/nll"] == pytest.approx(expected_nll, rel=1e-5)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, rel=1e-5)
