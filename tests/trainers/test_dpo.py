@@ -237,3 +237,21 @@ def test_gradient_accumulation_gives_the_same_step(tiny_lm_path, tmp_path):
     _, single = train(RegularizedDPOTrainer, config(tmp_path / "ga1", per_device_train_batch_size=2, **options), tiny_lm_path)
     assert accumulated[0]["grad_norm"] == pytest.approx(single[0]["grad_norm"], rel=1e-5)
     assert accumulated[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+
+
+def test_resume_continues_the_ptx_stream_exactly(tiny_lm_path, tmp_path):
+    def run(output_dir, max_steps, resume=None):
+        args = config(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=1, nll_alpha=0.3, ptx_coef=0.5, ptx_block_size=16)
+        torch.manual_seed(0)
+        trainer = RegularizedDPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_lm_path), args=args, train_dataset=preference_dataset(),
+            pretrain_dataset=Dataset.from_dict({"text": PRETRAIN_TEXTS}),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return [row for row in trainer.state.log_history if "loss" in row]
+
+    full = run(tmp_path / "full", 3)
+    resumed = run(tmp_path / "full", 3, resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed[-1]["step"] == 3
+    assert resumed[-1]["ptx/nll"] == pytest.approx(full[-1]["ptx/nll"], rel=1e-5)
+    assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
