@@ -106,6 +106,13 @@ def test_resume_with_another_block_size_warns():
         stream.load_state_dict({"epoch": 0, "block": 1, "block_size": 4, "seed": 0})
 
 
+def test_processes_share_the_tokenization_cache_of_a_disk_dataset(tmp_path):
+    datasets.Dataset.from_dict({"text": pretraining_texts()}).save_to_disk(str(tmp_path / "ptx"))
+    on_disk = datasets.load_from_disk(str(tmp_path / "ptx"))
+    streams = [PtxStream(on_disk, TOKENIZER, 16, 2, process_index=p, num_processes=2) for p in range(2)]
+    assert streams[0]._documents.cache_files and streams[0]._documents.cache_files == streams[1]._documents.cache_files
+
+
 def test_stream_rejects_bad_datasets():
     with pytest.raises(ValueError, match=r"'text'.*'content', 'id'"):
         PtxStream(datasets.Dataset.from_dict({"content": ["x"], "id": [1]}), TOKENIZER, 4, 1)
@@ -119,6 +126,8 @@ def test_stream_rejects_bad_datasets():
         PtxStream(datasets.Dataset.from_dict({"text": ["abcdefgh"]}).to_iterable_dataset(), TOKENIZER, 4, 3).next_batch()
     with pytest.raises(ValueError, match="empty"):
         PtxStream([], TOKENIZER, 4, 1)
+    with pytest.raises(ValueError, match="empty"):
+        PtxStream(datasets.IterableDataset.from_generator(lambda: iter([])), TOKENIZER, 4, 1)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         PtxStream("just a string", TOKENIZER, 4, 1)
 

@@ -24,6 +24,15 @@ from trl_regularizers.trainers.common import (
 INPUT_IDS = "input_ids"
 
 
+def tokenize_documents(values: list, column: str, tokenizer, eos_token_id: int | None) -> dict[str, list]:
+    """Token ids of a batch of documents (raw text, or ids when ``column`` is ``input_ids``), each followed
+    by EOS unless it already ends with it, and their lengths."""
+    ids = [list(v) for v in values] if column == INPUT_IDS else tokenizer(list(values))[INPUT_IDS]
+    if eos_token_id is not None:
+        ids = [v + [eos_token_id] if not v or v[-1] != eos_token_id else v for v in ids]
+    return {INPUT_IDS: ids, "length": [len(v) for v in ids]}
+
+
 class PtxStream:
     """Packed, sharded, cycling, resumable stream of pretraining batches.
 
@@ -110,7 +119,10 @@ class PtxStream:
                 raise TypeError("A list pretraining dataset must hold strings or dicts.")
             dataset = datasets.Dataset.from_list(rows)
         if isinstance(dataset, datasets.IterableDataset):
-            self._column = self._pick_column(dataset.column_names or list(next(iter(dataset)).keys()))
+            first = None if dataset.column_names else next(iter(dataset), None)
+            if not dataset.column_names and first is None:
+                raise ValueError("The pretraining dataset is empty.")
+            self._column = self._pick_column(dataset.column_names or list(first))
             self._iterable = dataset
             self._documents = None
             self.blocks_per_epoch = None
@@ -119,8 +131,9 @@ class PtxStream:
                 raise ValueError("The pretraining dataset is empty.")
             self._column = self._pick_column(dataset.column_names)
             self._iterable = None
-            self._documents = dataset.map(
-                lambda rows: self._documents_of(rows[self._column]),
+            self._documents = dataset.map(  # fingerprinted by its inputs alone, so processes share the cache
+                lambda rows, column, tokenizer, eos: tokenize_documents(rows[column], column, tokenizer, eos),
+                fn_kwargs={"column": self._column, "tokenizer": tokenizer, "eos": self.eos_token_id},
                 batched=True,
                 remove_columns=dataset.column_names,
                 desc="Tokenizing and packing the ptx dataset",
@@ -154,16 +167,6 @@ class PtxStream:
             f"{INPUT_IDS!r} column. Its columns are: {', '.join(map(repr, columns)) or 'none'}."
         )
 
-    def _documents_of(self, values: list) -> dict[str, list]:
-        """Token ids of a batch of documents, each followed by EOS, and their lengths."""
-        if self._column == INPUT_IDS:
-            ids = [list(v) for v in values]
-        else:
-            ids = self.tokenizer(list(values))[INPUT_IDS]
-        if self.eos_token_id is not None:
-            ids = [v + [self.eos_token_id] if not v or v[-1] != self.eos_token_id else v for v in ids]
-        return {INPUT_IDS: ids, "length": [len(v) for v in ids]}
-
     # Map-style datasets: random access to any block of any epoch.
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +192,8 @@ class PtxStream:
         dataset = self._iterable.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer_size)
         skip, buffer = first_block * self.block_size, []
         for rows in dataset.iter(batch_size=64):
-            for ids in self._documents_of(rows[self._column])[INPUT_IDS]:
+            documents = tokenize_documents(rows[self._column], self._column, self.tokenizer, self.eos_token_id)
+            for ids in documents[INPUT_IDS]:
                 if skip:
                     dropped = min(skip, len(ids))
                     ids, skip = ids[dropped:], skip - dropped
