@@ -35,7 +35,9 @@ def prompts() -> Dataset:
 
 def drifted_policy(path: str):
     """The saved tiny LM with its weights perturbed in memory: TRL reloads the reference from disk, so the
-    policy differs from the reference from step 0 and every KL value is nonzero."""
+    policy differs from the reference from step 0 and every KL value is nonzero. Also seeds torch: TRL 1.12
+    initializes a LoRA adapter before the Trainer seeds the RNG."""
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
