@@ -255,3 +255,12 @@ def test_resume_continues_the_ptx_stream_exactly(tiny_lm_path, tmp_path):
     assert resumed[-1]["step"] == 3
     assert resumed[-1]["ptx/nll"] == pytest.approx(full[-1]["ptx/nll"], rel=1e-5)
     assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+
+
+def test_non_finite_nll_is_caught_and_named(tiny_lm_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    trainer = RegularizedDPOTrainer(model=model, args=config(tmp_path, nll_alpha=0.1), train_dataset=preference_dataset())
+    with torch.no_grad():
+        trainer.model.get_input_embeddings().weight[:, 0] = float("nan")  # stock DPO would log a NaN loss and go on
+    with pytest.raises(FloatingPointError, match="nll/chosen term is not finite"):
+        trainer.train()

@@ -16,10 +16,10 @@ from trl_regularizers.configs import RegularizedDPOConfig
 from trl_regularizers.core.losses import length_normalized_nll, margin_preference_loss
 from trl_regularizers.data import MARGIN, add_margin_column
 from trl_regularizers.ptx import PtxMixin
-from trl_regularizers.trainers.common import check_finite, log_metric
+from trl_regularizers.trainers.common import check_finite, log_metric, mode_of
 
 
-def completion_token_logps(output, input_ids: torch.Tensor, completion_mask: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+def completion_token_logps(output, input_ids: torch.Tensor, completion_mask: torch.Tensor, rows: int | None = None):
     """[rows, T-1] log-probs of the completion tokens (0 elsewhere) of the first ``rows`` sequences (all if None)
     from a captured causal-LM output. TRL >= 1.15 returns them from its fused LM head (``.log_probs``); older
     TRL returns ``.logits``."""
@@ -44,7 +44,9 @@ def check_margin_support(args: RegularizedDPOConfig) -> None:
     if args.use_weighting:
         problems.append("use_weighting=True (needs False)")
     if problems:
-        raise ValueError(f"margin_source={args.margin_source!r} is only supported for the sigmoid DPO loss; got " + "; ".join(problems) + ".")
+        raise ValueError(
+            f"margin_source={args.margin_source!r} is only supported for the sigmoid DPO loss; got {'; '.join(problems)}."
+        )
 
 
 class _MarginCollator:
@@ -66,7 +68,9 @@ class RegularizedDPOTrainer(PtxMixin, DPOTrainer):
     tokenized ``input_ids``) for pretraining mixing with ``ptx_coef > 0``.
     """
 
-    def __init__(self, model, ref_model=None, args: RegularizedDPOConfig | None = None, *parent_args, pretrain_dataset=None, **kwargs):
+    def __init__(
+        self, model, ref_model=None, args: RegularizedDPOConfig | None = None, *parent_args, pretrain_dataset=None, **kwargs
+    ):
         if args is None:
             args = RegularizedDPOConfig(output_dir="trainer_output")
         if not isinstance(args, RegularizedDPOConfig):
@@ -87,7 +91,8 @@ class RegularizedDPOTrainer(PtxMixin, DPOTrainer):
             self._captured.append(output)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return super()._prepare_dataset(add_margin_column(dataset, args, dataset_name), processing_class, args, dataset_name)
+        dataset = add_margin_column(dataset, args, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -120,8 +125,10 @@ class RegularizedDPOTrainer(PtxMixin, DPOTrainer):
         n = inputs["input_ids"].size(0) // 2
         chosen_logps = completion_token_logps(policy_output, inputs["input_ids"], inputs["completion_mask"], rows=n)
         lengths = inputs["attention_mask"][:n].sum(-1) if self.args.nll_normalization == "sequence" else None
-        nll = check_finite("nll/chosen", length_normalized_nll(chosen_logps, inputs["completion_mask"][:n, 1:], lengths).mean())
+        nll = length_normalized_nll(chosen_logps, inputs["completion_mask"][:n, 1:], lengths).mean()
         log_metric(self, "nll/chosen", nll)
+        # Check the gathered value, so that every process raises together.
+        check_finite("nll/chosen", torch.tensor(self._metrics[mode_of(self)]["nll/chosen"][-1]))
         return self.args.nll_alpha * nll
 
     def _margin_term(self, captured, inputs, margin) -> torch.Tensor | float:
@@ -138,5 +145,5 @@ class RegularizedDPOTrainer(PtxMixin, DPOTrainer):
         logits = self.beta * (chosen_logratio - rejected_logratio)
         weight = self.loss_weights[self.loss_types.index("sigmoid")]
         shift = margin_preference_loss(logits, margin).mean() - margin_preference_loss(logits).mean()
-        log_metric(self, "margin/mean", margin)
-        return weight * check_finite("margin", shift)
+        log_metric(self, "margin/mean", margin)  # margins are checked finite per row; shift is finite iff TRL's loss is
+        return weight * shift
