@@ -1,0 +1,198 @@
+"""Turn the demo's run records into ``report.md``, ``results.json`` and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trl_regularizers.demo.runs import STRENGTH_LABELS, TARGET_CHAR, series
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(value):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _drift(run: dict, key: str) -> tuple[list[int], list[float]]:
+    return [h["step"] for h in run["drift"]], [h[key] for h in run["drift"]]
+
+
+def summarize(base_info: dict, dpo: list[dict], grpo: list[dict], fit: dict, reward: list[dict], timings: dict) -> dict:
+    """The numbers the report shows, all read from the run records."""
+    summary = {"base_model": base_info, "timings_s": timings, "dpo": {}, "grpo": {}, "drift_vs_forgetting": fit, "reward": {}}
+    for run in dpo:
+        steps, chosen = series(run["log_history"], "eval_logps/chosen")
+        _, rejected = series(run["log_history"], "eval_logps/rejected")
+        summary["dpo"][run["name"]] = {
+            "chosen_logp_start": chosen[0],
+            "chosen_logp_end": chosen[-1],
+            "rejected_logp_end": rejected[-1],
+            "eval_steps": steps,
+        }
+    for run in grpo:
+        _, reward_values = series(run["log_history"], "rewards/target_char_reward/mean")
+        last = run["drift"][-1]
+        summary["grpo"][run["name"]] = {
+            "reward_start": reward_values[0],
+            "reward_end": reward_values[-1],
+            "kl_reverse_end": last["drift/kl_reverse"],
+            "kl_forward_end": last["drift/kl_forward"],
+            "heldout_nll_end": last["forgetting/nll"],
+            "heldout_nll_increase": last["forgetting/nll_increase"],
+            "distinct_2_start": run["drift"][0]["samples/distinct_2"],
+            "distinct_2_end": last["samples/distinct_2"],
+            "sample": run["samples"][0] if run["samples"] else "",
+        }
+    for run in reward:
+        summary["reward"][run["name"]] = run["accuracy"]
+    return summary
+
+
+def plot_dpo(dpo: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, color in zip(dpo, ("tab:red", "tab:blue")):
+        ax.plot(*series(run["log_history"], "eval_logps/chosen"), color=color, marker="o", label=f"{run['name']}: chosen")
+        ax.plot(*series(run["log_history"], "eval_logps/rejected"), color=color, ls="--", label=f"{run['name']}: rejected")
+    ax.set(xlabel="step", ylabel="sequence log-prob (sum over completion)", title="(a) DPO vs DPO+NLL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_grpo(grpo: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [
+        ("task reward", lambda r: series(r["log_history"], "rewards/target_char_reward/mean")),
+        ("KL(pi || pi_0) on task prompts", lambda r: _drift(r, "drift/kl_reverse")),
+        ("held-out NLL (nats/token)", lambda r: _drift(r, "forgetting/nll")),
+        ("distinct-2 of samples", lambda r: _drift(r, "samples/distinct_2")),
+    ]
+    for ax, (title, get) in zip(axes.flat, panels):
+        for run in grpo:
+            ax.plot(*get(run), label=run["name"])
+        ax.set(title=title, xlabel="step")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("(b) GRPO on an over-optimizable reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_fit(fit: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, kl, rise in fit["points"]:
+        ax.scatter(kl, rise)
+        ax.annotate(name, (kl, rise), fontsize=7)
+    xs = [0.0, max(p[1] for p in fit["points"])]
+    ax.plot(xs, [fit["intercept"] + fit["slope"] * x for x in xs], "k--", label=f"fit, R^2 = {fit['r2']:.2f}")
+    ax.set(xlabel="final KL(pi || pi_0) on task prompts", ylabel="rise in held-out NLL", title="(c) drift vs forgetting")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reward(reward: list[dict], path: Path) -> None:
+    plt = _plt()
+    labels = list(STRENGTH_LABELS.values())[::-1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(reward)
+    for i, run in enumerate(reward):
+        ax.bar([j + i * width for j in range(len(labels))], [run["accuracy"][label] for label in labels], width, label=run["name"])
+    ax.set_xticks([j + width * (len(reward) - 1) / 2 for j in range(len(labels))], labels)
+    ax.set(ylabel="held-out accuracy", ylim=(0, 1), title="(d) reward model accuracy by preference strength")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Path:
+    """Write plots, ``results.json`` and ``report.md`` into ``out``; return the report path."""
+    plot_dpo(dpo, out / "a_dpo_chosen_logp.png")
+    plot_grpo(grpo, out / "b_grpo.png")
+    plot_fit(summary["drift_vs_forgetting"], out / "c_drift_vs_forgetting.png")
+    plot_reward(reward, out / "d_reward_margins.png")
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+
+    base, fit = summary["base_model"], summary["drift_vs_forgetting"]
+    strengths = list(STRENGTH_LABELS.values())[::-1]
+    text = [
+        "# trl-regularizers demo report",
+        "",
+        f"Size: {'quick (CI)' if quick else 'full'}. Wall time per part (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())
+        + ". Every number below is read from this run's logs (`results.json`, `*/run.json`).",
+        "",
+        "## The embedded tiny model",
+        f"A {base['num_parameters']:,}-parameter Qwen2 with a byte tokenizer, pretrained by "
+        f"`python -m trl_regularizers.demo.pretrain` on the generated tiny-world corpus "
+        f"({base['settings']['steps']} steps). Held-out NLL: {base['heldout_nll_init']:.3f} nats/byte at random init, "
+        f"{base['heldout_nll']:.3f} after pretraining. Facts completed correctly (greedy): "
+        f"{base['fact_accuracy_init']:.0%} at init, {base['fact_accuracy']:.0%} after.",
+        "",
+        "## (a) DPO vs DPO+NLL",
+        "Chosen and rejected completion log-probs of the training pairs (true vs wrong fact), evaluated during training.",
+        "",
+        _table(
+            ["run", "chosen log-prob start", "chosen log-prob end", "rejected log-prob end"],
+            [[name, r["chosen_logp_start"], r["chosen_logp_end"], r["rejected_logp_end"]] for name, r in summary["dpo"].items()],
+        ),
+        "",
+        "![DPO](a_dpo_chosen_logp.png)",
+        "",
+        "## (b) GRPO on an over-optimizable reward",
+        f"Reward = fraction of `{TARGET_CHAR}` characters "
+        "in the completion. KL and NLL come from `KLDriftCallback` (exact per-token KL on sampled completions of "
+        "fixed task prompts; NLL on held-out corpus text).",
+        "",
+        _table(
+            ["run", "reward start", "reward end", "KL(pi||pi_0)", "KL(pi_0||pi)", "held-out NLL", "NLL rise", "distinct-2 start", "distinct-2 end", "a sample"],
+            [
+                [name, r["reward_start"], r["reward_end"], r["kl_reverse_end"], r["kl_forward_end"], r["heldout_nll_end"],
+                 r["heldout_nll_increase"], r["distinct_2_start"], r["distinct_2_end"], "`" + r["sample"].replace("|", "/").replace("\n", " ") + "`"]
+                for name, r in summary["grpo"].items()
+            ],
+        ),
+        "",
+        "![GRPO](b_grpo.png)",
+        "",
+        "## (c) Drift vs forgetting (eq. 15)",
+        "Across all runs above: held-out NLL rise = a + b * final KL(pi || pi_0) on task prompts.",
+        "",
+        _table(["run", "final KL", "NLL rise"], [[n, k, r] for n, k, r in fit["points"]]),
+        "",
+        f"Fit: slope b = {fit['slope']:.3f}, intercept a = {fit['intercept']:.3f}, **R^2 = {fit['r2']:.3f}** "
+        f"over {len(fit['points'])} runs.",
+        "",
+        "![fit](c_drift_vs_forgetting.png)",
+        "",
+        "## (d) Reward model with vs without margins",
+        "Held-out pairs: a true description vs one with 1/2/3 wrong facts (slightly better / better / significantly "
+        "better). `RM+margin` uses `margin_source=\"label\"`, `margin_label_map=\"llama2_large\"`.",
+        "",
+        _table(["run", *strengths, "all"], [[name, *[acc[s] for s in strengths], acc["all"]] for name, acc in summary["reward"].items()]),
+        "",
+        "![RM](d_reward_margins.png)",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path

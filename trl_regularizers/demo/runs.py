@@ -1,0 +1,265 @@
+"""The demo's four experiments, each a function returning plain numbers read from the training logs.
+
+(a) ``run_dpo``: DPO vs DPO+NLL on fact pairs; (b) ``run_grpo``: GRPO on an over-optimizable reward under
+four regularization choices; (c) ``drift_vs_forgetting``: final KL vs held-out NLL rise across those runs
+(eq. 15); (d) ``run_reward``: reward model with vs without Llama 2 margins, accuracy by preference strength.
+Every run is probed by the same ``KLDriftCallback`` (task prompts + held-out corpus), so the numbers of (c)
+are comparable across trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from trl_regularizers.demo.corpus import ANIMALS, ATTRIBUTES, COLORS, FOODS, HOMES, SOUNDS, WEATHER, corpus_lines, fact, world
+from trl_regularizers.drift import KLDriftCallback
+
+TARGET_CHAR = "o"
+VALUES = {"color": COLORS, "home": HOMES, "food": FOODS, "sound": SOUNDS}
+STRENGTH_LABELS = {3: "significantly better", 2: "better", 1: "slightly better"}
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How long each run trains; ``quick`` is the CI size."""
+
+    dpo_steps: int
+    grpo_steps: int
+    reward_steps: int
+    probe_every: int
+    probe_prompts: int
+    heldout_texts: int
+
+    @classmethod
+    def named(cls, quick: bool) -> DemoSize:
+        if quick:
+            return cls(dpo_steps=4, grpo_steps=4, reward_steps=4, probe_every=2, probe_prompts=8, heldout_texts=16)
+        return cls(dpo_steps=40, grpo_steps=50, reward_steps=48, probe_every=10, probe_prompts=16, heldout_texts=64)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def task_prompts() -> list[str]:
+    """Sentence openings of the tiny world: the GRPO prompts and the drift probe prompts."""
+    rng = random.Random(7)
+    prompts = [f"the {animal}" for animal in ANIMALS] + [f"one {rng.choice(WEATHER)} day the {animal}" for animal in ANIMALS]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def fact_pairs(seed: int = 0) -> Dataset:
+    """DPO pairs: a fact prompt, the true completion (chosen) and a wrong value (rejected)."""
+    rng, facts = random.Random(seed), world()
+    rows = []
+    for animal in ANIMALS:
+        for attribute in ATTRIBUTES:
+            prompt, chosen = fact(animal, attribute, facts[animal][attribute])
+            wrong = rng.choice([v for v in VALUES[attribute] if v != facts[animal][attribute]])
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": fact(animal, attribute, wrong)[1]})
+    return Dataset.from_list(rows)
+
+
+def rated_pairs(num_pairs: int, seed: int) -> Dataset:
+    """Reward-model pairs: a true description (chosen) vs one with k in {1,2,3} wrong facts (rejected), labeled
+    by strength: more wrong facts = clearer preference."""
+    rng, facts = random.Random(seed), world()
+    rows = []
+    for _ in range(num_pairs):
+        animal = rng.choice(ANIMALS)
+        true = {key: facts[animal][key] for key in ("color", "home", "food")}
+        wrong_count = rng.choice(sorted(STRENGTH_LABELS))
+        corrupt = dict(true)
+        for key in rng.sample(sorted(true), wrong_count):
+            corrupt[key] = rng.choice([v for v in VALUES[key] if v != true[key]])
+
+        def describe(f):
+            return f"the {f['color']} {animal} lives in the {f['home']} and eats {f['food']}."
+
+        rows.append({"chosen": describe(true), "rejected": describe(corrupt), "preference_strength": STRENGTH_LABELS[wrong_count]})
+    return Dataset.from_list(rows)
+
+
+def target_char_reward(completions, **kwargs) -> list[float]:
+    """The over-optimizable reward: the fraction of characters that are ``TARGET_CHAR``."""
+    return [c.count(TARGET_CHAR) / max(len(c), 1) for c in completions]
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct n-grams (characters) over all n-grams in ``texts``: 1 = no repetition, near 0 = degenerate."""
+    grams = [text[i : i + n] for text in texts for i in range(len(text) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- common
+def common_args(out: Path, steps: int, seed: int) -> dict:
+    return dict(
+        output_dir=str(out),
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=seed,
+        disable_tqdm=True,
+    )
+
+
+class DemoProbe(KLDriftCallback):
+    """The drift probe plus the character distinct-2 of its samples (``samples/distinct_2``)."""
+
+    def measure(self, model) -> dict[str, float]:
+        values = super().measure(model)
+        values["samples/distinct_2"] = distinct_n(self.completions)
+        return values
+
+
+def drift_probe(size: DemoSize) -> DemoProbe:
+    return DemoProbe(
+        task_prompts()[: size.probe_prompts],
+        every_n_steps=size.probe_every,
+        max_new_tokens=24,
+        heldout_texts=corpus_lines(size.heldout_texts, "heldout"),
+    )
+
+
+def finish(name: str, out: Path, trainer, probe: KLDriftCallback, before: list[dict] = ()) -> dict:
+    """Save the run's log history (after ``before``, e.g. a step-0 evaluation) and drift probes; return the record."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_history = [*before, *trainer.state.log_history]
+    record = {"name": name, "log_history": log_history, "drift": probe.history, "samples": probe.completions}
+    (out / "run.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in a Trainer log history."""
+    rows = [(entry["step"], float(entry[key])) for entry in log_history if key in entry]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+# ----------------------------------------------------------------------------------------------- (a)
+def run_dpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
+    """DPO vs DPO+NLL: chosen log-probs of the training pairs, evaluated every few steps."""
+    from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer
+
+    pairs = fact_pairs()
+    runs = []
+    for name, alpha in (("DPO", 0.0), ("DPO+NLL", 1.0)):
+        args = RegularizedDPOConfig(
+            **common_args(out / name, size.dpo_steps, seed),
+            nll_alpha=alpha,
+            beta=0.1,
+            learning_rate=2e-3,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=64,
+            eval_strategy="steps",
+            eval_steps=size.probe_every,
+        )
+        probe = drift_probe(size)
+        trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=pairs, eval_dataset=pairs, callbacks=[probe])
+        before = {**trainer.evaluate(), "step": 0}  # train() starts a fresh log history: keep step 0 here
+        trainer.train()
+        runs.append(finish(name, out / name, trainer, probe, [before]))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------- (b)
+GRPO_VARIANTS = {
+    "GRPO beta=0": dict(beta=0.0),
+    "GRPO KL in loss": dict(beta=0.2, kl_estimator="k3", kl_placement="loss"),
+    "GRPO KL in reward": dict(beta=0.2, kl_estimator="k1", kl_placement="reward"),
+    "GRPO beta=0 +ptx": dict(beta=0.0, ptx_coef=1.0),
+}
+
+
+def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
+    """GRPO on ``target_char_reward`` under each of ``GRPO_VARIANTS``; drift, forgetting and samples probed."""
+    from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer
+
+    prompts = Dataset.from_dict({"prompt": task_prompts() * 8})
+    pretrain = Dataset.from_dict({"text": corpus_lines(2000, "train")})
+    runs = []
+    for name, options in GRPO_VARIANTS.items():
+        args = RegularizedGRPOConfig(
+            **common_args(out / name.replace(" ", "_"), size.grpo_steps, seed),
+            **options,
+            learning_rate=2e-3,
+            per_device_train_batch_size=16,
+            num_generations=8,
+            max_completion_length=24,
+            ptx_block_size=64,
+            ptx_batch_size=8,
+        )
+        probe = drift_probe(size)
+        trainer = RegularizedGRPOTrainer(
+            model=base,
+            reward_funcs=target_char_reward,
+            args=args,
+            train_dataset=prompts,
+            callbacks=[probe],
+            pretrain_dataset=pretrain if args.ptx_coef > 0 else None,
+        )
+        trainer.train()
+        runs.append(finish(name, out / name.replace(" ", "_"), trainer, probe))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------- (c)
+def drift_vs_forgetting(runs: list[dict]) -> dict:
+    """Least-squares fit of the held-out NLL rise on the final reverse KL to the base, across runs (eq. 15)."""
+    points = [(r["name"], r["drift"][-1]["drift/kl_reverse"], r["drift"][-1]["forgetting/nll_increase"]) for r in runs]
+    kl = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    rise = torch.tensor([p[2] for p in points], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(kl), kl], dim=1)
+    intercept, slope = torch.linalg.lstsq(design, rise[:, None]).solution[:, 0].tolist()
+    residual = rise - (intercept + slope * kl)
+    total = ((rise - rise.mean()) ** 2).sum()
+    r2 = float(1 - (residual**2).sum() / total) if total > 0 else float("nan")
+    return {"points": points, "slope": slope, "intercept": intercept, "r2": r2}
+
+
+# ----------------------------------------------------------------------------------------------- (d)
+@torch.no_grad()
+def reward_accuracy_by_strength(model, tokenizer, pairs: Dataset) -> dict[str, float]:
+    """Fraction of pairs with r(chosen) > r(rejected), per preference-strength label and overall."""
+    model.eval()
+
+    def score(texts):
+        enc = tokenizer([t + tokenizer.eos_token for t in texts], return_tensors="pt", padding=True, padding_side="right")
+        return model(**enc.to(model.device)).logits[:, 0].float().cpu()
+
+    correct = (score(pairs["chosen"]) > score(pairs["rejected"])).float()
+    labels = pairs["preference_strength"]
+    result = {label: correct[[i for i, l in enumerate(labels) if l == label]].mean().item() for label in STRENGTH_LABELS.values()}
+    result["all"] = correct.mean().item()
+    return result
+
+
+def run_reward(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
+    """Reward model from the base weights, trained with and without label-derived margins (Llama 2, large)."""
+    from trl_regularizers import RegularizedRewardConfig, RegularizedRewardTrainer
+
+    train, test = rated_pairs(192, seed=11), rated_pairs(96, seed=12)
+    runs = []
+    for name, margin_source in (("RM", None), ("RM+margin", "label")):
+        args = RegularizedRewardConfig(
+            **common_args(out / name, size.reward_steps, seed),
+            margin_source=margin_source,
+            margin_label_map="llama2_large",
+            learning_rate=1e-3,
+            per_device_train_batch_size=16,
+        )
+        trainer = RegularizedRewardTrainer(model=base, args=args, train_dataset=train)
+        trainer.train()
+        record = {"name": name, "log_history": trainer.state.log_history}
+        record["accuracy"] = reward_accuracy_by_strength(trainer.model, trainer.processing_class, test)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / "run.json").write_text(json.dumps(record, indent=1))
+        runs.append(record)
+    return runs
