@@ -16,7 +16,8 @@ exact per-token KL over the vocabulary at every completion position (`core.full_
   ``forgetting/nll_increase``: the same minus its value before training.
 
 Values go into the ``logs`` of the next logging step (``trainer.state.log_history``, the console and every
-callback after this one) and into ``self.history`` (one dict per probe, with ``step``). Reporting
+callback after this one) and into ``self.history`` (one dict per probe, with ``step``); the sampled
+completions of the latest probe are kept in ``self.completions`` (e.g. for distinct-n or eyeballing). Reporting
 integrations (W&B, TensorBoard) run before user callbacks; to feed them too, put this callback first:
 ``trainer.callback_handler.callbacks.insert(0, drift)``.
 
@@ -103,6 +104,7 @@ class KLDriftCallback(TrainerCallback):
         self.max_length = max_length
         self.seed = seed
         self.history: list[dict[str, float]] = []
+        self.completions: list[str] = []
         self._pending: dict[str, float] = {}
         self._nll_before: float | None = None
 
@@ -187,6 +189,9 @@ class KLDriftCallback(TrainerCallback):
 
     def _kl(self, model) -> dict[str, float]:
         sequences, mask, prompt_len = self.sample(model)
+        self.completions = [
+            self.tokenizer.decode(seq[prompt_len:][m[prompt_len:].bool()], skip_special_tokens=True) for seq, m in zip(sequences, mask)
+        ]
         totals = {"reverse": 0.0, "forward": 0.0}
         for start in range(0, len(sequences), self.batch_size):
             seq, m = sequences[start : start + self.batch_size], mask[start : start + self.batch_size]

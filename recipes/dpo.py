@@ -1,0 +1,34 @@
+"""DPO + NLL (eq. 7-8), margins and ptx with RegularizedDPOTrainer.
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/dpo.py --config recipes/configs/dpo_nll.yaml
+    python recipes/dpo.py --config recipes/configs/dpo_nll.yaml --nll_alpha 0.5    # flags override the YAML
+"""
+
+from _common import RecipeArguments, load_pretrain, load_splits, model_init_kwargs, model_path
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((RecipeArguments, RegularizedDPOConfig, ModelConfig))
+
+
+def main(script_args: RecipeArguments, training_args: RegularizedDPOConfig, model_args: ModelConfig):
+    model_init_kwargs(training_args, model_args)
+    train, test = load_splits(script_args, training_args, "preference")
+    trainer = RegularizedDPOTrainer(
+        model=model_path(model_args.model_name_or_path),
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        peft_config=get_peft_config(model_args),
+        pretrain_dataset=load_pretrain(script_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

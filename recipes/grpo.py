@@ -1,0 +1,34 @@
+"""GRPO with a choice of KL estimator / placement / direction / adaptive beta and ptx, with RegularizedGRPOTrainer.
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/grpo.py --config recipes/configs/grpo_kl.yaml
+"""
+
+from _common import RecipeArguments, load_pretrain, load_splits, model_init_kwargs, model_path, reward_funcs
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((RecipeArguments, RegularizedGRPOConfig, ModelConfig))
+
+
+def main(script_args: RecipeArguments, training_args: RegularizedGRPOConfig, model_args: ModelConfig):
+    model_init_kwargs(training_args, model_args)
+    train, test = load_splits(script_args, training_args, "prompt")
+    trainer = RegularizedGRPOTrainer(
+        model=model_path(model_args.model_name_or_path),
+        reward_funcs=reward_funcs(script_args),
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        peft_config=get_peft_config(model_args),
+        pretrain_dataset=load_pretrain(script_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
