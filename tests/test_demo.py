@@ -25,7 +25,7 @@ def test_corpus_is_deterministic_and_splits_differ():
 def test_distinct_n_and_fit_by_hand():
     assert distinct_n(["abab"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
     assert distinct_n(["oooo"], 2) == pytest.approx(1 / 3)
-    runs = [{"name": str(k), "drift": [{"drift/kl_reverse": k, "forgetting/nll_increase": 2 * k + 1}]} for k in (0.0, 1.0, 2.0)]
+    runs = [{"name": str(k), "drift": [{"drift/kl_forward": k, "forgetting/nll_increase": 2 * k + 1}]} for k in (0.0, 1.0, 2.0)]
     fit = drift_vs_forgetting(runs)
     assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0) and fit["r2"] == pytest.approx(1.0)
     runs[1]["drift"][0]["forgetting/nll_increase"] = 0.0

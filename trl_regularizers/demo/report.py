@@ -102,7 +102,7 @@ def plot_fit(fit: dict, path: Path) -> None:
         ax.annotate(name, (kl, rise), fontsize=7)
     xs = [0.0, max(p[1] for p in fit["points"])]
     ax.plot(xs, [fit["intercept"] + fit["slope"] * x for x in xs], "k--", label=f"fit, R^2 = {fit['r2']:.2f}")
-    ax.set(xlabel="final KL(pi || pi_0) on task prompts", ylabel="rise in held-out NLL", title="(c) drift vs forgetting")
+    ax.set(xlabel="final KL(pi_0 || pi) on task prompts", ylabel="rise in held-out NLL", title="(c) drift vs forgetting")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -175,9 +175,9 @@ def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Pa
         "![GRPO](b_grpo.png)",
         "",
         "## (c) Drift vs forgetting (eq. 15)",
-        "Across all runs above: held-out NLL rise = a + b * final KL(pi || pi_0) on task prompts.",
+        "Across all runs above: held-out NLL rise = a + b * final E_x[KL(pi_0 || pi)] on task prompts (the forward KL of eq. 15).",
         "",
-        _table(["run", "final KL", "NLL rise"], [[n, k, r] for n, k, r in fit["points"]]),
+        _table(["run", "final KL(pi_0||pi)", "NLL rise"], [[n, k, r] for n, k, r in fit["points"]]),
         "",
         f"Fit: slope b = {fit['slope']:.3f}, intercept a = {fit['intercept']:.3f}, **R^2 = {fit['r2']:.3f}** "
         f"over {len(fit['points'])} runs.",

@@ -1,7 +1,7 @@
 """The demo's four experiments, each a function returning plain numbers read from the training logs.
 
 (a) ``run_dpo``: DPO vs DPO+NLL on fact pairs; (b) ``run_grpo``: GRPO on an over-optimizable reward under
-four regularization choices; (c) ``drift_vs_forgetting``: final KL vs held-out NLL rise across those runs
+four regularization choices; (c) ``drift_vs_forgetting``: final forward KL to the base vs held-out NLL rise across those runs
 (eq. 15); (d) ``run_reward``: reward model with vs without Llama 2 margins, accuracy by preference strength.
 Every run is probed by the same ``KLDriftCallback`` (task prompts + held-out corpus), so the numbers of (c)
 are comparable across trainers.
@@ -212,8 +212,8 @@ def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- (c)
 def drift_vs_forgetting(runs: list[dict]) -> dict:
-    """Least-squares fit of the held-out NLL rise on the final reverse KL to the base, across runs (eq. 15)."""
-    points = [(r["name"], r["drift"][-1]["drift/kl_reverse"], r["drift"][-1]["forgetting/nll_increase"]) for r in runs]
+    """Least-squares fit of the held-out NLL rise on the final E_x[KL(pi_0 || pi)] on task prompts, across runs (eq. 15)."""
+    points = [(r["name"], r["drift"][-1]["drift/kl_forward"], r["drift"][-1]["forgetting/nll_increase"]) for r in runs]
     kl = torch.tensor([p[1] for p in points], dtype=torch.float64)
     rise = torch.tensor([p[2] for p in points], dtype=torch.float64)
     design = torch.stack([torch.ones_like(kl), kl], dim=1)
