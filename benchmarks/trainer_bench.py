@@ -2,6 +2,7 @@
 
     python benchmarks/trainer_bench.py --profile cpu                  # tiny model, any machine
     python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
+    python benchmarks/trainer_bench.py --profile cpu --specs grpo,grpo_k2,grpo_full
 
 Each spec is a pair (stock, ours) of (trainer class, config class, extra config fields). Both start from the
 same saved model and data; they run in alternating order for ``--rounds`` rounds (stock first, then ours
@@ -46,6 +47,7 @@ class Spec:
     stock: Side
     ours: Side
     note: str
+    task: str = "dpo"  # "dpo": preference pairs; "grpo": prompts + a Python reward, batch = generations per prompt
 
 
 STOCK_DPO = Side("trl.DPOTrainer", "trl.DPOConfig")
@@ -56,6 +58,18 @@ SPECS = {
     "dpo_margin": Spec(STOCK_DPO, Side(*OURS_DPO, {"margin_source": "rating"}), "margins from ratings, target <= 1.02x"),
     "dpo_sft_stock": Spec(STOCK_DPO, Side("trl.DPOTrainer", "trl.DPOConfig", {"loss_type": ["sigmoid", "sft"]}), "TRL's own sft term, for scale"),
 }
+STOCK_GRPO = Side("trl.GRPOTrainer", "trl.GRPOConfig", {"beta": 0.04})
+OURS_GRPO = "trl_regularizers.RegularizedGRPOTrainer", "trl_regularizers.RegularizedGRPOConfig"
+SPECS |= {
+    "grpo": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04}), "defaults (k3 in the loss): must match stock", "grpo"),
+    "grpo_k2": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "k2"}), "k2 in the loss", "grpo"),
+    "grpo_full": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "full"}), "exact full-vocab KL in the loss", "grpo"),
+}
+
+
+def count_a(completions, **kwargs) -> list[float]:
+    """GRPO benchmark reward: the fraction of 'a' in each completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
 
 
 def load(path: str):
@@ -112,17 +126,24 @@ def make_dataset(profile: dict, rows: int) -> Dataset:
     })
 
 
-def run_side(side: Side, model_path: str, dataset: Dataset, profile: dict, out_dir: str, seed: int) -> dict:
+def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: dict, out_dir: str, seed: int) -> dict:
     on_gpu = torch.cuda.is_available()
+    if task == "grpo":
+        task_fields = dict(max_completion_length=profile["completion_len"], num_generations=profile["batch"])
+        task_inputs = dict(reward_funcs=count_a)
+    else:
+        task_fields, task_inputs = dict(max_length=profile["prompt_len"] + profile["completion_len"]), {}
     config = load(side.config)(
         output_dir=out_dir, per_device_train_batch_size=profile["batch"], max_steps=profile["steps"], learning_rate=1e-6,
         logging_steps=1, save_strategy="no", report_to="none", bf16=on_gpu, gradient_checkpointing=False, seed=seed,
-        max_length=profile["prompt_len"] + profile["completion_len"], dataloader_num_workers=0, disable_tqdm=True, **side.fields,
+        dataloader_num_workers=0, disable_tqdm=True, **task_fields, **side.fields,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     timer = StepTimer()
-    trainer = load(side.trainer)(model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer(), callbacks=[timer])
+    trainer = load(side.trainer)(
+        model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer(), callbacks=[timer], **task_inputs
+    )
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -142,7 +163,7 @@ def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dic
         order = ("stock", "ours") if round_index % 2 == 0 else ("ours", "stock")
         for which in order:
             with tempfile.TemporaryDirectory() as out_dir:
-                runs[which].append(run_side(getattr(spec, which), model_path, dataset, profile, out_dir, seed=round_index))
+                runs[which].append(run_side(getattr(spec, which), spec.task, model_path, dataset, profile, out_dir, seed=round_index))
     result = {"note": spec.note}
     for which, results in runs.items():
         times = [t for r in results for t in r["times"][warmup:]]

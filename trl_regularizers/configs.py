@@ -132,7 +132,8 @@ class KLArguments:
 
     kl_estimator (`str`, *optional*):
         `"k1"`, `"k2"`, `"k3"`, `"abs"` (per sampled token) or `"full"` (exact sum over the vocabulary,
-        computed in chunks; needs the reference logits, which costs a second logits tensor's memory).
+        computed in chunks: from the reference logits in PPO, from the final hidden states and the LM heads
+        in GRPO/RLOO; see docs/online_rl.md for its memory).
     kl_placement (`str`, *optional*):
         `"loss"` adds beta * KL to the per-token loss; `"reward"` subtracts beta * (KL summed over the
         completion) from each sequence's reward before advantages are computed (no gradient through it).

@@ -80,8 +80,30 @@ def completion_logps(trainer, batch) -> torch.Tensor:
         )[0]
 
 
+def exact_full_kl(trainer, batch, direction="reverse") -> torch.Tensor:
+    """Per-token KL over the whole vocabulary between the policy and the reference, from their plain logits
+    (the models' own forward, not TRL's fused head), at the sampling temperature."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    length = batch["completion_ids"].size(1)
+    def logp(model):
+        return (model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1] / trainer.temperature).log_softmax(-1)
+
+    with torch.no_grad():
+        if trainer.ref_model is None:  # PEFT: the reference is the model with its adapter disabled
+            with trainer.model.disable_adapter():
+                ref_logp = logp(trainer.model)
+        else:
+            ref_logp = logp(trainer.ref_model)
+        logp = logp(trainer.model)
+    if direction == "forward":
+        logp, ref_logp = ref_logp, logp
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
 class RecordingGRPOTrainer(RegularizedGRPOTrainer):
-    """Records rollouts, reward columns, and each loss next to the parent's loss without any KL."""
+    """Records rollouts, reward columns, and each loss next to the parent's loss without any KL (with the exact
+    full-vocabulary KL of each batch under ``full_kl``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -89,7 +111,7 @@ class RecordingGRPOTrainer(RegularizedGRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
-        self.rollouts.append({**batch, "policy_logps": completion_logps(self, batch)})
+        self.rollouts.append({**batch, "policy_logps": completion_logps(self, batch), "full_kl": exact_full_kl(self, batch)})
         return batch
 
     def _calculate_rewards(self, *args, **kwargs):
@@ -105,7 +127,8 @@ class RecordingGRPOTrainer(RegularizedGRPOTrainer):
                 without_kl = GRPOTrainer._compute_loss(self, model, inputs)
         finally:
             self.beta = beta
-        self.losses.append((loss.detach(), without_kl, dict(inputs), completion_logps(self, inputs)))
+        full_kl = {direction: exact_full_kl(self, inputs, direction) for direction in ("reverse", "forward")}
+        self.losses.append((loss.detach(), without_kl, dict(inputs, full_kl=full_kl), completion_logps(self, inputs)))
         return loss
 
 
@@ -165,6 +188,64 @@ def test_reward_placement_changes_rewards_and_advantages(tiny_lm_path, tmp_path,
     assert logs[0]["rewards/kl_penalty/mean"] < 0 or estimator == "k1"
 
 
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_full_kl_in_loss_equals_exact_kl_from_logits(tiny_lm_path, tmp_path, direction):
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full", kl_direction=direction, temperature=0.7)
+    trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    logs = train_logs(trainer)
+    assert len(trainer.losses) == 2
+    for loss, without_kl, inputs, _ in trainer.losses:
+        mask = inputs["completion_mask"]
+        expected = BETA * (inputs["full_kl"][direction] * mask).sum() / inputs["num_items_in_batch"]
+        assert expected.abs() > 1e-4
+        torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-7)
+        assert inputs["ref_hidden_states"].shape == (*mask.shape, trainer.model.config.hidden_size)
+    assert all(math.isfinite(log["kl"]) and log["kl"] > 0 for log in logs)
+
+
+def test_full_kl_gradient_is_the_exact_kl_gradient(tiny_lm_path, tmp_path):
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full", max_steps=1)
+    trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    train_logs(trainer)
+    _, _, inputs, _ = trainer.losses[0]
+    trainer.model.zero_grad()
+    ours = trainer._kl_estimate(*_policy_call(trainer, inputs), inputs["completion_mask"], inputs["ref_hidden_states"])
+    ours.sum().backward()
+    ours_grad = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad()
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    length = inputs["completion_ids"].size(1)
+    logp = (trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1] / trainer.temperature).log_softmax(-1)
+    with torch.no_grad():
+        ref_logp = (trainer.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1] / trainer.temperature).log_softmax(-1)
+    ((logp.exp() * (logp - ref_logp)).sum(-1) * inputs["completion_mask"]).sum().backward()
+    for ours_p, exact_p in zip(ours_grad, (p.grad for p in trainer.model.parameters())):
+        torch.testing.assert_close(ours_p, exact_p, rtol=1e-4, atol=1e-6)
+
+
+def _policy_call(trainer, inputs):
+    """A recorded policy log-prob call (with grad) and the batch's reference log-probs."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with trainer._capturing_logps() as calls:
+        trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, inputs["completion_ids"].size(1))
+    return calls[0], inputs["ref_per_token_logps"]
+
+
+def test_full_kl_in_reward_equals_exact_kl_from_logits(tiny_lm_path, tmp_path):
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full", kl_placement="reward")
+    with pytest.warns(UserWarning, match="kl_estimator='full' with kl_placement='reward' gives a biased"):
+        trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    train_logs(trainer)
+    for rollout, rewards in zip(trainer.rollouts, trainer.rewards):
+        kl = (rollout["full_kl"] * rollout["completion_mask"]).sum(-1)
+        assert kl.min() > 0
+        torch.testing.assert_close(rewards[:, 1], -BETA * kl, rtol=1e-4, atol=1e-6)
+    for loss, without_kl, _, _ in trainer.losses:
+        assert torch.equal(loss, without_kl)
+
+
 @pytest.mark.parametrize("kl_clamp, finite", [(20.0, True), (None, False)])
 def test_k3_with_huge_log_ratio(tiny_lm_path, tmp_path, kl_clamp, finite):
     class HugeRatio(RegularizedGRPOTrainer):
@@ -217,9 +298,11 @@ def test_bias_warnings(tiny_lm_path, tmp_path, recwarn):
 
 
 def test_invalid_combinations_fail_before_training(tiny_lm_path, tmp_path):
-    with pytest.raises(ValueError, match="kl_estimator='full' is not supported by RegularizedGRPOTrainer"):
+    softcapped = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    softcapped.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="kl_estimator='full' in RegularizedGRPOTrainer does not support.*final_logit_softcapping=30.0"):
         RegularizedGRPOTrainer(
-            tiny_lm_path, reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full"), prompts()
+            softcapped, reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full"), prompts()
         )
     with pytest.raises(TypeError, match="needs its Regularized\\*Config"):
         RegularizedGRPOTrainer(tiny_lm_path, reward_distinct, online_args(GRPOConfig, tmp_path, beta=BETA), prompts())
@@ -257,6 +340,14 @@ def test_peft_and_gradient_accumulation_keep_parity_and_the_term(tiny_lm_path, t
         per_token = HAND_ESTIMATORS["k2"](logps - inputs["ref_per_token_logps"]) * inputs["completion_mask"]
         # dapo: tokens of the generation batch (2 micro-batches) x GA / steps_per_generation (= GA)
         torch.testing.assert_close(loss - without_kl, BETA * per_token.sum() / inputs["num_items_in_batch"], rtol=1e-4, atol=1e-8)
+
+    args = online_args(RegularizedGRPOConfig, tmp_path, kl_estimator="full", **overrides)
+    trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts(), peft_config=lora())
+    train_logs(trainer)
+    for loss, without_kl, inputs, _ in trainer.losses[2:]:  # the adapter has moved: the KL is nonzero
+        expected = BETA * (inputs["full_kl"]["reverse"] * inputs["completion_mask"]).sum() / inputs["num_items_in_batch"]
+        assert expected > 1e-6
+        torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-8)
 
 
 def test_ptx_adds_coef_times_logged_nll(tiny_lm_path, tmp_path):

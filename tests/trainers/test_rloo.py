@@ -9,7 +9,15 @@ import pytest
 import torch
 from trl import RLOOConfig, RLOOTrainer
 
-from tests.trainers.test_grpo import HAND_ESTIMATORS, drifted_policy, online_args, prompts, reward_distinct, train_logs
+from tests.trainers.test_grpo import (
+    HAND_ESTIMATORS,
+    drifted_policy,
+    exact_full_kl,
+    online_args,
+    prompts,
+    reward_distinct,
+    train_logs,
+)
 from trl_regularizers.configs import RegularizedRLOOConfig
 from trl_regularizers.trainers.rloo import RegularizedRLOOTrainer
 
@@ -35,7 +43,8 @@ class RecordingRLOOTrainer(RegularizedRLOOTrainer):
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
         logps = completion_logps(self, self.model, batch)
-        self.rollouts.append({**batch, "policy_logps": logps, "ref_logps": completion_logps(self, self.ref_model, batch)})
+        ref_logps = completion_logps(self, self.ref_model, batch)
+        self.rollouts.append({**batch, "policy_logps": logps, "ref_logps": ref_logps, "full_kl": exact_full_kl(self, batch)})
         return batch
 
     def _calculate_rewards(self, *args, **kwargs):
@@ -47,7 +56,8 @@ class RecordingRLOOTrainer(RegularizedRLOOTrainer):
         loss = super()._compute_loss(model, inputs)
         with torch.no_grad():
             without_kl = RLOOTrainer._compute_loss(self, model, inputs)
-        self.losses.append((loss.detach(), without_kl, dict(inputs), completion_logps(self, self.model, inputs)))
+        inputs = dict(inputs, full_kl=exact_full_kl(self, inputs))
+        self.losses.append((loss.detach(), without_kl, inputs, completion_logps(self, self.model, inputs)))
         return loss
 
 
@@ -103,6 +113,28 @@ def test_loss_placement_adds_hand_computed_term(tiny_lm_path, tmp_path, estimato
         assert expected.abs() > 1e-4
         torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-7)
     assert [len([k for k in log if k == "kl"]) for log in logs] == [1, 1] and logs[0]["kl"] != 0
+
+
+def test_full_kl_in_both_placements_equals_exact_kl_from_logits(tiny_lm_path, tmp_path):
+    args = online_args(RegularizedRLOOConfig, tmp_path, kl_estimator="full", temperature=0.7)
+    with pytest.warns(UserWarning, match="kl_estimator='full' with kl_placement='reward' gives a biased"):
+        trainer = RecordingRLOOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    train_logs(trainer)
+    for rollout, rewards in zip(trainer.rollouts, trainer.rewards):
+        kl = (rollout["full_kl"] * rollout["completion_mask"]).sum(-1)
+        assert kl.min() > 0
+        shaped = (rewards[:, 0] - BETA * kl).view(-1, 4)
+        baseline = (shaped.sum(1, keepdim=True) - shaped) / 3
+        torch.testing.assert_close(rollout["advantages"], (shaped - baseline).view(-1), rtol=1e-4, atol=1e-5)
+
+    args = online_args(RegularizedRLOOConfig, tmp_path, kl_estimator="full", kl_placement="loss", temperature=0.7)
+    trainer = RecordingRLOOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    train_logs(trainer)
+    assert len(trainer.losses) == 2
+    for loss, without_kl, inputs, _ in trainer.losses:
+        expected = BETA * (inputs["full_kl"] * inputs["completion_mask"]).sum(-1).mean()
+        assert expected > 1e-4
+        torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_k3_with_huge_log_ratio_stays_finite(tiny_lm_path, tmp_path):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
+from trl_regularizers.core.kl import FULL_VOCAB_ESTIMATOR
 from trl_regularizers.ptx import PtxMixin
-from trl_regularizers.trainers.kl_wiring import KLWiringMixin
+from trl_regularizers.trainers.kl_wiring import REF_HIDDEN_KEY, KLWiringMixin
 
 KL_REWARD_NAME = "kl_penalty"
 
@@ -31,6 +32,7 @@ class RegularizedGRPOTrainer(KLWiringMixin, PtxMixin, GRPOTrainer):
         self._setup_ptx(pretrain_dataset)
         self._setup_kl(parent_kl=("k3", "loss"), ratio_in_loss=self.args.use_bias_correction_kl)
         self._kl_in_reward = self.beta != 0.0 and self.args.kl_placement == "reward"
+        self._full_kl_in_loss = self.beta != 0.0 and self.args.kl_placement == "loss" and self.args.kl_estimator == FULL_VOCAB_ESTIMATOR
         if self._kl_in_reward:
             if self.multi_objective_aggregation != "sum_then_normalize":
                 raise ValueError(
@@ -44,22 +46,26 @@ class RegularizedGRPOTrainer(KLWiringMixin, PtxMixin, GRPOTrainer):
             self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
 
     def _generate_and_score_completions(self, inputs):
-        if not self._kl_in_reward:
+        if not (self._kl_in_reward or self._full_kl_in_loss):
             return super()._generate_and_score_completions(inputs)
-        with self._capturing_logps():
-            return super()._generate_and_score_completions(inputs)
+        with self._capturing_logps() as calls:
+            output = super()._generate_and_score_completions(inputs)
+        if self._full_kl_in_loss:  # keep the reference's hidden states (not its logits) for the loss
+            output[REF_HIDDEN_KEY] = next(call.hidden for call in calls if call.logps is output["ref_per_token_logps"])
+        return output
 
     def _kl_reward(self, completion_ids, **kwargs) -> list[float]:
         """The ``kl_penalty`` reward: ``-beta * sum_t estimate_t`` per completion of this process."""
-        *old, (ref_logps, call_args, call_kwargs) = self._kl_capture  # the reference call is the last one
+        *old, ref = self._kl_capture  # the reference call is the last one
         if old:  # TRL already scored the rollout with the policy (old_per_token_logps)
-            logps = old[0][0]
+            policy = old[0]
         else:
             with torch.no_grad():
-                logps = super()._get_per_token_logps_and_entropies(self.model, *call_args, **call_kwargs)[0]
-        mask = call_args[1][:, -call_args[2] :].to(logps.dtype)  # completion part of the attention mask
-        estimate = self._kl_estimate(logps, ref_logps, mask)
-        self._log_kl(estimate, logps, ref_logps, mask)
+                self._get_per_token_logps_and_entropies(self.model, *ref.args, **ref.kwargs)
+            policy = self._kl_capture.pop()
+        mask = ref.args[1][:, -ref.args[2] :].to(policy.logps.dtype)  # completion part of the attention mask
+        estimate = self._kl_estimate(policy, ref.logps, mask, ref.hidden)
+        self._log_kl(estimate, policy.logps, ref.logps, mask)
         return (-self.beta * estimate.sum(-1)).tolist()
 
     def _calculate_rewards(self, *args, **kwargs):
@@ -93,9 +99,10 @@ class RegularizedGRPOTrainer(KLWiringMixin, PtxMixin, GRPOTrainer):
             self.beta = beta
         if self.args.kl_placement == "reward":
             return loss
-        logps = calls[0][0]
+        policy = calls[0]
+        logps = policy.logps
         mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
-        estimate = self._kl_estimate(logps, ref_logps, mask)
+        estimate = self._kl_estimate(policy, ref_logps, mask, inputs.get(REF_HIDDEN_KEY))
         if self.args.use_bias_correction_kl:
             estimate = estimate * self._importance_ratio(logps, inputs, mask)
         self._log_kl(estimate, logps, ref_logps, mask, parent_logs_kl=self._kl_native)

@@ -22,7 +22,7 @@ from trl import RLOOTrainer
 
 from trl_regularizers.ptx import PtxMixin
 from trl_regularizers.trainers.common import mode_of, scale_like_parent_loss
-from trl_regularizers.trainers.kl_wiring import KLWiringMixin
+from trl_regularizers.trainers.kl_wiring import REF_HIDDEN_KEY, KLWiringMixin
 
 
 class RegularizedRLOOTrainer(KLWiringMixin, PtxMixin, RLOOTrainer):
@@ -42,8 +42,9 @@ class RegularizedRLOOTrainer(KLWiringMixin, PtxMixin, RLOOTrainer):
             raise RuntimeError(f"expected 2 log-prob calls (policy, reference) per RLOO rollout, saw {len(calls)}")
         if self.args.kl_placement == "loss":
             self._metrics[mode_of(self)]["kl"].pop()  # TRL logged its (zero) reward KL; ours comes with the loss
-            output["ref_per_token_logps"] = self._rollout_ref_logps
-        del self._rollout_ref_logps
+            output["ref_per_token_logps"] = calls[1].logps
+            if calls[1].hidden is not None:  # kl_estimator="full"
+                output[REF_HIDDEN_KEY] = calls[1].hidden
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -54,11 +55,11 @@ class RegularizedRLOOTrainer(KLWiringMixin, PtxMixin, RLOOTrainer):
         if calls is None or len(calls) != 2 or torch.is_grad_enabled():
             return logps, entropies, aux_loss
         # This is the reference call of a rollout: hand TRL the ref' described in the module docstring.
-        old_logps, self._rollout_ref_logps = calls[0][0], logps
+        policy, old_logps = calls[0], calls[0].logps
         if self.args.kl_placement == "loss":
             return old_logps, entropies, aux_loss
         mask = attention_mask[:, -logits_to_keep:].to(logps.dtype)
-        estimate = self._kl_estimate(old_logps, logps, mask)
+        estimate = self._kl_estimate(policy, logps, mask, calls[1].hidden)
         self._log_kl(estimate, old_logps, logps, mask, parent_logs_kl=True)  # TRL logs the mean of old - ref'
         if self._kl_native:  # TRL's own k1: only bound the reference
             return self._bounded_ref(old_logps, logps), entropies, aux_loss
@@ -74,7 +75,7 @@ class RegularizedRLOOTrainer(KLWiringMixin, PtxMixin, RLOOTrainer):
             return super()._compute_loss(model, inputs)
         with self._capturing_logps() as calls:
             loss = super()._compute_loss(model, inputs)
-        logps, ref_logps, mask = calls[0][0], inputs["ref_per_token_logps"], inputs["completion_mask"]
-        estimate = self._kl_estimate(logps, ref_logps, mask)
-        self._log_kl(estimate, logps, ref_logps, mask)
+        policy, ref_logps, mask = calls[0], inputs["ref_per_token_logps"], inputs["completion_mask"]
+        estimate = self._kl_estimate(policy, ref_logps, mask, inputs.get(REF_HIDDEN_KEY))
+        self._log_kl(estimate, policy.logps, ref_logps, mask)
         return loss + scale_like_parent_loss(self, self.beta * estimate.sum(-1).mean())
