@@ -1,7 +1,7 @@
 """Pure math of the regularizers: torch only (no trl, no transformers)."""
 
 from trl_regularizers.core.control import AdaptiveKLController, FixedKLController, KLController, make_kl_controller
-from trl_regularizers.core.full_kl import full_vocab_kl
+from trl_regularizers.core.full_kl import full_vocab_kl, full_vocab_kl_from_hidden
 from trl_regularizers.core.kl import (
     KL_DIRECTIONS,
     KL_ESTIMATORS,
@@ -37,6 +37,7 @@ __all__ = [
     "LLAMA2_MARGIN_SMALL",
     "MARGIN_SOURCES",
     "full_vocab_kl",
+    "full_vocab_kl_from_hidden",
     "get_kl_estimator",
     "kl_estimator_names",
     "label_margin",

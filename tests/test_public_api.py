@@ -1,0 +1,59 @@
+"""The public names: `import *` works on every TRL, each name resolves to what the README documents,
+and the PPO names raise the documented ImportError on TRL >= 1.13."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import trl
+from packaging.version import Version
+
+import trl_regularizers
+from trl_regularizers import core
+
+TRL_HAS_PPO = Version(trl.__version__) < Version("1.13")
+PARENTS = {
+    "RegularizedDPOTrainer": "DPOTrainer",
+    "RegularizedDPOConfig": "DPOConfig",
+    "RegularizedRewardTrainer": "RewardTrainer",
+    "RegularizedRewardConfig": "RewardConfig",
+    "RegularizedGRPOTrainer": "GRPOTrainer",
+    "RegularizedGRPOConfig": "GRPOConfig",
+    "RegularizedRLOOTrainer": "RLOOTrainer",
+    "RegularizedRLOOConfig": "RLOOConfig",
+}
+
+
+def test_star_import_gives_every_listed_name():
+    namespace: dict = {}
+    exec("from trl_regularizers import *", namespace)
+    assert set(trl_regularizers.__all__) <= set(namespace)
+    assert ("RegularizedPPOTrainer" in namespace) == TRL_HAS_PPO
+
+
+@pytest.mark.parametrize("name, parent", sorted(PARENTS.items()))
+def test_drop_in_classes_subclass_their_trl_parent(name, parent):
+    assert issubclass(getattr(trl_regularizers, name), getattr(trl, parent))
+
+
+def test_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'RegularizedSFTTrainer'"):
+        trl_regularizers.RegularizedSFTTrainer  # noqa: B018
+
+
+@pytest.mark.skipif(TRL_HAS_PPO, reason="the ImportError is raised only on TRL >= 1.13 (latest-TRL environment)")
+def test_ppo_names_explain_the_extra_on_new_trl():
+    with pytest.raises(ImportError, match=r"trl-regularizers\[ppo\]"):
+        trl_regularizers.RegularizedPPOTrainer  # noqa: B018
+
+
+def test_core_exports_resolve():
+    assert all(hasattr(core, name) for name in core.__all__)
+
+
+def test_import_is_lazy():
+    """`import trl_regularizers` must not import trl (the PPO names may not exist, and it keeps startup cheap)."""
+    code = "import sys, trl_regularizers; print('trl' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
