@@ -1,5 +1,5 @@
-"""The public names: `import *` works on every TRL, each name resolves to what the README documents,
-and the PPO names raise the documented ImportError on TRL >= 1.13."""
+"""The public names: `import *` works on every TRL and each name resolves to what the README documents
+(the PPO ImportError on TRL >= 1.13 is tested in tests/trainers/test_ppo.py)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,6 @@ def test_drop_in_classes_subclass_their_trl_parent(name, parent):
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'RegularizedSFTTrainer'"):
         trl_regularizers.RegularizedSFTTrainer  # noqa: B018
-
-
-@pytest.mark.skipif(TRL_HAS_PPO, reason="the ImportError is raised only on TRL >= 1.13 (latest-TRL environment)")
-def test_ppo_names_explain_the_extra_on_new_trl():
-    with pytest.raises(ImportError, match=r"trl-regularizers\[ppo\]"):
-        trl_regularizers.RegularizedPPOTrainer  # noqa: B018
 
 
 def test_core_exports_resolve():
