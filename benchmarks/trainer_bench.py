@@ -3,11 +3,14 @@
     python benchmarks/trainer_bench.py --profile cpu                  # tiny model, any machine
     python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
     python benchmarks/trainer_bench.py --profile cpu --specs grpo,grpo_k2,grpo_full
+    python benchmarks/trainer_bench.py --profile cpu --specs dpo_ptx   # + the ptx batch's forward+backward alone
 
 Each spec is a pair (stock, ours) of (trainer class, config class, extra config fields). Both start from the
 same saved model and data; they run in alternating order for ``--rounds`` rounds (stock first, then ours
 first, ...), and the first ``--warmup`` steps of each run are dropped. Step time is measured around each
 optimizer step (CUDA-synchronized); peak memory is ``torch.cuda.max_memory_allocated`` over the run (GPU only).
+For ptx specs the harness also times one forward+backward of a ptx batch alone on the same model, and reports
+``ptx_cost_ratio = (ours - stock) / that``: the issue's target is <= 1.05.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
 
+from trl_regularizers.core.losses import ptx_nll
 from trl_regularizers.testing import byte_tokenizer, make_tiny_causal_lm
 
 PROFILES = {
@@ -56,6 +60,7 @@ SPECS = {
     "dpo": Spec(STOCK_DPO, Side(*OURS_DPO), "defaults: must match stock"),
     "dpo_nll": Spec(STOCK_DPO, Side(*OURS_DPO, {"nll_alpha": 0.2}), "DPO+NLL (eq. 7-8), target <= 1.02x"),
     "dpo_margin": Spec(STOCK_DPO, Side(*OURS_DPO, {"margin_source": "rating"}), "margins from ratings, target <= 1.02x"),
+    "dpo_ptx": Spec(STOCK_DPO, Side(*OURS_DPO, {"ptx_coef": 0.5}), "ptx mixing, target <= 1.05x the ptx forward+backward"),
     "dpo_sft_stock": Spec(STOCK_DPO, Side("trl.DPOTrainer", "trl.DPOConfig", {"loss_type": ["sigmoid", "sft"]}), "TRL's own sft term, for scale"),
 }
 STOCK_GRPO = Side("trl.GRPOTrainer", "trl.GRPOConfig", {"beta": 0.04})
@@ -67,9 +72,9 @@ SPECS |= {
 }
 
 
-def count_a(completions, **kwargs) -> list[float]:
-    """GRPO benchmark reward: the fraction of 'a' in each completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
+def distinct_chars(completions, **kwargs) -> list[float]:
+    """GRPO benchmark reward with spread within a group: the fraction of distinct characters."""
+    return [len(set(c)) / max(len(c), 1) for c in completions]
 
 
 def load(path: str):
@@ -126,13 +131,48 @@ def make_dataset(profile: dict, rows: int) -> Dataset:
     })
 
 
+def ptx_block_size(profile: dict) -> int:
+    return profile["prompt_len"] + profile["completion_len"]
+
+
+def make_pretrain_dataset(profile: dict) -> Dataset:
+    rng = random.Random(1)
+    return Dataset.from_dict({"text": ["".join(rng.choice("abcdefghij klmnop") for _ in range(4 * ptx_block_size(profile))) for _ in range(64)]})
+
+
+def time_ptx_alone(model_path: str, profile: dict, repeats: int) -> float:
+    """Median time of one forward+backward of a ptx batch (batch x block tokens) through the model, as in training."""
+    on_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model.to("cuda" if on_gpu else "cpu").train()
+    input_ids = torch.randint(0, model.config.vocab_size, (profile["batch"], ptx_block_size(profile)), device=model.device)
+    times = []
+    for _ in range(repeats):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        ptx_nll(logits, input_ids).backward()
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    del model
+    gc.collect()
+    return statistics.median(times[1:])
+
+
 def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: dict, out_dir: str, seed: int) -> dict:
     on_gpu = torch.cuda.is_available()
     if task == "grpo":
         task_fields = dict(max_completion_length=profile["completion_len"], num_generations=profile["batch"])
-        task_inputs = dict(reward_funcs=count_a)
+        task_inputs = dict(reward_funcs=distinct_chars)
     else:
         task_fields, task_inputs = dict(max_length=profile["prompt_len"] + profile["completion_len"]), {}
+    if side.fields.get("ptx_coef"):
+        task_fields["ptx_block_size"] = ptx_block_size(profile)
+        task_inputs["pretrain_dataset"] = make_pretrain_dataset(profile)
     config = load(side.config)(
         output_dir=out_dir, per_device_train_batch_size=profile["batch"], max_steps=profile["steps"], learning_rate=1e-6,
         logging_steps=1, save_strategy="no", report_to="none", bf16=on_gpu, gradient_checkpointing=False, seed=seed,
@@ -171,6 +211,9 @@ def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dic
         result[which] = {"median_s": statistics.median(times), "steps": len(times), "peak_GiB": max(peaks) if peaks else None,
                          "first_losses": results[0]["losses"][:3]}
     result["time_ratio"] = result["ours"]["median_s"] / result["stock"]["median_s"]
+    if spec.ours.fields.get("ptx_coef"):
+        result["ptx_alone_s"] = time_ptx_alone(model_path, profile, repeats=2 * profile["steps"])
+        result["ptx_cost_ratio"] = (result["ours"]["median_s"] - result["stock"]["median_s"]) / result["ptx_alone_s"]
     if result["stock"]["peak_GiB"]:
         result["memory_ratio"] = result["ours"]["peak_GiB"] / result["stock"]["peak_GiB"]
     return result
@@ -184,7 +227,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the profile's)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 keeps CPU timings stable on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     profile = dict(PROFILES[args.profile])
     if args.steps:
         profile["steps"] = args.steps
@@ -200,6 +246,8 @@ def main():
         dataset = make_dataset(profile, rows=profile["batch"] * profile["steps"])
         for name in args.specs.split(","):
             report["results"][name] = result = bench(name, SPECS[name], model_path, dataset, profile, args.rounds, args.warmup)
+            if "ptx_cost_ratio" in result:
+                print(f"{name:14s} ptx forward+backward alone {result['ptx_alone_s']:.4f} s, added cost / that = {result['ptx_cost_ratio']:.3f}")
             memory = f"  peak {result['stock']['peak_GiB']:.2f} -> {result['ours']['peak_GiB']:.2f} GiB ({result['memory_ratio']:.3f}x)" if "memory_ratio" in result else ""
             print(f"{name:14s} step {result['stock']['median_s']:.4f} -> {result['ours']['median_s']:.4f} s "
                   f"({result['time_ratio']:.3f}x){memory}   [{result['note']}]", flush=True)
