@@ -66,6 +66,7 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     beta0 = json.loads((tmp_path / "b_grpo" / "GRPO_beta=0" / "run.json").read_text())
     rewards = [e["rewards/target_char_reward/mean"] for e in beta0["log_history"] if "rewards/target_char_reward/mean" in e]
     assert results["grpo"]["GRPO beta=0"]["reward_end"] == rewards[-1]
+    assert results["grpo"]["GRPO beta=0"]["reward_last_10"] == pytest.approx(sum(rewards[-10:]) / len(rewards[-10:]))
     assert results["grpo"]["GRPO beta=0"]["kl_reverse_end"] == beta0["drift"][-1]["drift/kl_reverse"] > 0
     assert f"{rewards[-1]:.3f}" in text
     dpo = json.loads((tmp_path / "a_dpo" / "DPO+NLL" / "run.json").read_text())
@@ -75,7 +76,12 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     # Both DPO runs start from the same model: identical step-0 evaluation.
     assert results["dpo"]["DPO"]["chosen_logp_start"] == pytest.approx(results["dpo"]["DPO+NLL"]["chosen_logp_start"], rel=1e-6)
     fit = results["drift_vs_forgetting"]
-    assert len(fit["points"]) == 6 and math.isfinite(fit["r2"]) and f"{fit['r2']:.3f}" in text
+    assert len(fit["points"]) == len(results["dpo"]) + len(results["grpo"]) and math.isfinite(fit["r2"]) and f"{fit['r2']:.3f}" in text
+    # The (b) settings shown are the ones each run was trained with.
+    reward_run = json.loads((tmp_path / "b_grpo" / "GRPO_KL_in_reward" / "run.json").read_text())
+    assert reward_run["settings"] == results["grpo"]["GRPO KL in reward"]["settings"]
+    assert (reward_run["settings"]["kl_placement"], reward_run["settings"]["kl_estimator"]) == ("reward", "k1")
+    assert f"| GRPO KL in reward | `k1` | `reward` | {reward_run['settings']['beta']:g} |" in text
     for run in results["reward"].values():
         assert set(run) == {"slightly better", "better", "significantly better", "all"}
         assert all(0.0 <= acc <= 1.0 for acc in run.values())

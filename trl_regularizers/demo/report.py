@@ -26,6 +26,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _setting(value) -> str:
+    """A config value as set: no rounding (``5e-4`` stays ``0.0005``), ``-`` when unused."""
+    return "-" if value is None else f"`{value}`" if isinstance(value, str) else f"{value:g}"
+
+
 def _drift(run: dict, key: str) -> tuple[list[int], list[float]]:
     return [h["step"] for h in run["drift"]], [h[key] for h in run["drift"]]
 
@@ -48,6 +53,7 @@ def summarize(base_info: dict, dpo: list[dict], grpo: list[dict], fit: dict, rew
         summary["grpo"][run["name"]] = {
             "reward_start": reward_values[0],
             "reward_end": reward_values[-1],
+            "reward_last_10": sum(reward_values[-10:]) / len(reward_values[-10:]),  # one step is 2 prompts x 8: noisy
             "kl_reverse_end": last["drift/kl_reverse"],
             "kl_forward_end": last["drift/kl_forward"],
             "heldout_nll_end": last["forgetting/nll"],
@@ -55,6 +61,7 @@ def summarize(base_info: dict, dpo: list[dict], grpo: list[dict], fit: dict, rew
             "distinct_2_start": run["drift"][0]["samples/distinct_2"],
             "distinct_2_end": last["samples/distinct_2"],
             "sample": run["samples"][0] if run["samples"] else "",
+            "settings": run["settings"],
         }
     for run in reward:
         summary["reward"][run["name"]] = run["accuracy"]
@@ -161,12 +168,22 @@ def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Pa
         "## (b) GRPO on an over-optimizable reward",
         f"Reward = fraction of `{TARGET_CHAR}` characters "
         "in the completion. KL and NLL come from `KLDriftCallback` (exact per-token KL on sampled completions of "
-        "fixed task prompts; NLL on held-out corpus text).",
+        "fixed task prompts; NLL on held-out corpus text). The runs differ only in these settings (read from each "
+        "run's trainer config); with the KL in the reward, `beta` multiplies the KL summed over the completion "
+        "(TRL RLOO's convention), in the loss it multiplies the per-token KL.",
         "",
         _table(
-            ["run", "reward start", "reward end", "KL(pi||pi_0)", "KL(pi_0||pi)", "held-out NLL", "NLL rise", "distinct-2 start", "distinct-2 end", "a sample"],
+            ["run", "KL estimator", "KL placement", "beta", "learning rate", "ptx_coef"],
             [
-                [name, r["reward_start"], r["reward_end"], r["kl_reverse_end"], r["kl_forward_end"], r["heldout_nll_end"],
+                [name, *(_setting(r["settings"].get(key)) for key in ("kl_estimator", "kl_placement", "beta", "learning_rate", "ptx_coef"))]
+                for name, r in summary["grpo"].items()
+            ],
+        ),
+        "",
+        _table(
+            ["run", "reward start", "reward end", "reward, mean of last 10 steps", "KL(pi ‖ pi_0)", "KL(pi_0 ‖ pi)", "held-out NLL", "NLL rise", "distinct-2 start", "distinct-2 end", "a sample"],
+            [
+                [name, r["reward_start"], r["reward_end"], r["reward_last_10"], r["kl_reverse_end"], r["kl_forward_end"], r["heldout_nll_end"],
                  r["heldout_nll_increase"], r["distinct_2_start"], r["distinct_2_end"], "`" + r["sample"].replace("|", "/").replace("\n", " ") + "`"]
                 for name, r in summary["grpo"].items()
             ],
@@ -177,7 +194,7 @@ def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Pa
         "## (c) Drift vs forgetting (eq. 15)",
         "Across all runs above: held-out NLL rise = a + b * final E_x[KL(pi_0 || pi)] on task prompts (the forward KL of eq. 15).",
         "",
-        _table(["run", "final KL(pi_0||pi)", "NLL rise"], [[n, k, r] for n, k, r in fit["points"]]),
+        _table(["run", "final KL(pi_0 ‖ pi)", "NLL rise"], [[n, k, r] for n, k, r in fit["points"]]),
         "",
         f"Fit: slope b = {fit['slope']:.3f}, intercept a = {fit['intercept']:.3f}, **R^2 = {fit['r2']:.3f}** "
         f"over {len(fit['points'])} runs.",

@@ -1,7 +1,7 @@
 """The demo's four experiments, each a function returning plain numbers read from the training logs.
 
 (a) ``run_dpo``: DPO vs DPO+NLL on fact pairs; (b) ``run_grpo``: GRPO on an over-optimizable reward under
-four regularization choices; (c) ``drift_vs_forgetting``: final forward KL to the base vs held-out NLL rise across those runs
+the regularization choices of ``GRPO_VARIANTS``; (c) ``drift_vs_forgetting``: final forward KL to the base vs held-out NLL rise across those runs
 (eq. 15); (d) ``run_reward``: reward model with vs without Llama 2 margins, accuracy by preference strength.
 Every run is probed by the same ``KLDriftCallback`` (task prompts + held-out corpus), so the numbers of (c)
 are comparable across trainers.
@@ -128,11 +128,12 @@ def drift_probe(size: DemoSize) -> DemoProbe:
     )
 
 
-def finish(name: str, out: Path, trainer, probe: KLDriftCallback, before: list[dict] = ()) -> dict:
-    """Save the run's log history (after ``before``, e.g. a step-0 evaluation) and drift probes; return the record."""
+def finish(name: str, out: Path, trainer, probe: KLDriftCallback, before: list[dict] = (), settings: dict | None = None) -> dict:
+    """Save the run's log history (after ``before``, e.g. a step-0 evaluation), drift probes and the ``settings``
+    it was trained with; return the record."""
     out.mkdir(parents=True, exist_ok=True)
     log_history = [*before, *trainer.state.log_history]
-    record = {"name": name, "log_history": log_history, "drift": probe.history, "samples": probe.completions}
+    record = {"name": name, "settings": settings or {}, "log_history": log_history, "drift": probe.history, "samples": probe.completions}
     (out / "run.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -170,12 +171,31 @@ def run_dpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- (b)
+GRPO_LEARNING_RATE = 2e-3
 GRPO_VARIANTS = {
     "GRPO beta=0": dict(beta=0.0),
     "GRPO KL in loss": dict(beta=0.2, kl_estimator="k3", kl_placement="loss"),
-    "GRPO KL in reward": dict(beta=0.2, kl_estimator="k1", kl_placement="reward"),
+    "GRPO beta=0 lr=5e-4": dict(beta=0.0, learning_rate=5e-4),
+    "GRPO KL in reward": dict(beta=0.005, kl_estimator="k1", kl_placement="reward", learning_rate=5e-4),
     "GRPO beta=0 +ptx": dict(beta=0.0, ptx_coef=1.0),
 }
+"""Options of each (b) run on top of ``run_grpo``'s common ones (learning rate ``GRPO_LEARNING_RATE`` unless set).
+
+KL in the reward is configured as a practitioner would (TRL RLOO's standard: k1, summed over the completion, before
+the advantages), not with the loss run's numbers. Its ``beta`` multiplies a *sum* over ~20 tokens, so
+``beta * length`` (0.1) is what compares with the loss run's per-token 0.2. With ``beta=0.2`` the penalty's spread
+within a group (several nats) swamps the task reward's (~0.05), GRPO's group normalization turns the advantages
+into KL noise, and the cheapest way to cut a summed penalty is to stop early: the policy collapses to ``.`` + EOS,
+every sample of a group is then identical (zero advantage) and the run never recovers. At ``GRPO_LEARNING_RATE``
+a smaller ``beta`` does not help (0.0005 to 0.05 tried, some on seeds 0 and 1: each collapsed or over-optimized): Adam moves the
+policy by several nats per token in the first steps, and a penalty that acts only through the advantages of sampled
+sequences cannot pull it back, where the loss placement adds a dense per-token gradient toward pi_0. At ``5e-4`` (``beta=0.005``) it
+holds the policy near the base on seeds 0, 1 and 2 while the reward rises; ``GRPO beta=0 lr=5e-4`` is the control at
+that learning rate (it still over-optimizes), so the KL term, not the learning rate, is what holds the policy.
+"""
+
+GRPO_SETTINGS = ("beta", "kl_estimator", "kl_placement", "learning_rate", "ptx_coef")
+"""Config fields saved in each (b) run record (``settings``) and shown in the report."""
 
 
 def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
@@ -188,8 +208,7 @@ def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
     for name, options in GRPO_VARIANTS.items():
         args = RegularizedGRPOConfig(
             **common_args(out / name.replace(" ", "_"), size.grpo_steps, seed),
-            **options,
-            learning_rate=2e-3,
+            **{"learning_rate": GRPO_LEARNING_RATE, **options},
             per_device_train_batch_size=16,
             num_generations=8,
             max_completion_length=24,
@@ -206,7 +225,10 @@ def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
             pretrain_dataset=pretrain if args.ptx_coef > 0 else None,
         )
         trainer.train()
-        runs.append(finish(name, out / name.replace(" ", "_"), trainer, probe))
+        settings = {key: getattr(args, key) for key in GRPO_SETTINGS}
+        if args.beta == 0.0:  # no KL term: its estimator/placement options are unused
+            settings.update(kl_estimator=None, kl_placement=None)
+        runs.append(finish(name, out / name.replace(" ", "_"), trainer, probe, settings=settings))
     return runs
 
 
