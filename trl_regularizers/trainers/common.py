@@ -7,9 +7,12 @@ import os
 from typing import Any, Protocol
 
 import torch
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 STATE_FILE = "trl_regularizers_state.json"
+TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA = hasattr(Trainer, "loss_is_scaled_for_ga")
+"""transformers >= 5.19 reads ``Trainer.loss_is_scaled_for_ga``; older versions ignore the attribute."""
 
 
 def trainer_divides_by_ga(trainer) -> bool:
@@ -18,7 +21,7 @@ def trainer_divides_by_ga(trainer) -> bool:
     DPO/Reward/RLOO: yes, so added terms go in unscaled. GRPO: no (it scales itself), so added terms
     must be divided by ``current_gradient_accumulation_steps`` in training.
     """
-    already_scaled = getattr(trainer, "loss_is_scaled_for_ga", None)  # transformers >= 5.19
+    already_scaled = getattr(trainer, "loss_is_scaled_for_ga", None) if TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA else None
     if already_scaled is None:
         already_scaled = bool(getattr(trainer, "model_accepts_loss_kwargs", False)) or trainer.compute_loss_func is not None
     return not already_scaled
