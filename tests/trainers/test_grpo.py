@@ -70,32 +70,37 @@ def train_logs(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
+def full_sequence(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prompt + completion ids and attention mask of a rollout batch, and the completion length."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    return input_ids, attention_mask, batch["completion_ids"].size(1)
+
+
 def completion_logps(trainer, batch) -> torch.Tensor:
     """Policy log-probs of the completion tokens of ``batch``, recomputed without grad."""
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     with torch.no_grad():
-        return GRPOTrainer._get_per_token_logps_and_entropies(
-            trainer, trainer.model, input_ids, attention_mask, batch["completion_ids"].size(1)
-        )[0]
+        return GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, *full_sequence(batch))[0]
 
 
-def exact_full_kl(trainer, batch, direction="reverse") -> torch.Tensor:
-    """Per-token KL over the whole vocabulary between the policy and the reference, from their plain logits
-    (the models' own forward, not TRL's fused head), at the sampling temperature."""
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    length = batch["completion_ids"].size(1)
-    def logp(model):
-        return (model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1] / trainer.temperature).log_softmax(-1)
+def completion_log_softmax(trainer, model, batch) -> torch.Tensor:
+    """[B, T, V] log-probabilities at the completion positions from the model's own logits (not TRL's fused
+    head), at the sampling temperature."""
+    input_ids, attention_mask, length = full_sequence(batch)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1]
+    return (logits / trainer.temperature).log_softmax(-1)
 
+
+def exact_full_kl(trainer, batch, direction="reverse", with_grad=False) -> torch.Tensor:
+    """Per-token KL over the whole vocabulary between the policy and the reference, computed naively."""
     with torch.no_grad():
         if trainer.ref_model is None:  # PEFT: the reference is the model with its adapter disabled
             with trainer.model.disable_adapter():
-                ref_logp = logp(trainer.model)
+                ref_logp = completion_log_softmax(trainer, trainer.model, batch)
         else:
-            ref_logp = logp(trainer.ref_model)
-        logp = logp(trainer.model)
+            ref_logp = completion_log_softmax(trainer, trainer.ref_model, batch)
+    with torch.set_grad_enabled(with_grad):
+        logp = completion_log_softmax(trainer, trainer.model, batch)
     if direction == "forward":
         logp, ref_logp = ref_logp, logp
     return (logp.exp() * (logp - ref_logp)).sum(-1)
@@ -208,29 +213,19 @@ def test_full_kl_gradient_is_the_exact_kl_gradient(tiny_lm_path, tmp_path):
     trainer = RecordingGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
     train_logs(trainer)
     _, _, inputs, _ = trainer.losses[0]
-    trainer.model.zero_grad()
-    ours = trainer._kl_estimate(*_policy_call(trainer, inputs), inputs["completion_mask"], inputs["ref_hidden_states"])
-    ours.sum().backward()
-    ours_grad = [p.grad.clone() for p in trainer.model.parameters()]
-    trainer.model.zero_grad()
-    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    length = inputs["completion_ids"].size(1)
-    logp = (trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1] / trainer.temperature).log_softmax(-1)
-    with torch.no_grad():
-        ref_logp = (trainer.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1] / trainer.temperature).log_softmax(-1)
-    ((logp.exp() * (logp - ref_logp)).sum(-1) * inputs["completion_mask"]).sum().backward()
-    for ours_p, exact_p in zip(ours_grad, (p.grad for p in trainer.model.parameters())):
-        torch.testing.assert_close(ours_p, exact_p, rtol=1e-4, atol=1e-6)
+    mask = inputs["completion_mask"]
 
+    def gradient(kl: torch.Tensor) -> list[torch.Tensor]:
+        trainer.model.zero_grad()
+        (kl * mask).sum().backward()
+        return [parameter.grad.clone() for parameter in trainer.model.parameters()]
 
-def _policy_call(trainer, inputs):
-    """A recorded policy log-prob call (with grad) and the batch's reference log-probs."""
-    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    with trainer._capturing_logps() as calls:
-        trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, inputs["completion_ids"].size(1))
-    return calls[0], inputs["ref_per_token_logps"]
+    with trainer._capturing_logps() as calls:  # the policy call with grad, as in the loss
+        trainer._get_per_token_logps_and_entropies(trainer.model, *full_sequence(inputs))
+    ours = gradient(trainer._kl_estimate(calls[0], inputs["ref_per_token_logps"], mask, inputs["ref_hidden_states"]))
+    exact = gradient(exact_full_kl(trainer, inputs, with_grad=True))
+    for ours_grad, exact_grad in zip(ours, exact):
+        torch.testing.assert_close(ours_grad, exact_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_full_kl_in_reward_equals_exact_kl_from_logits(tiny_lm_path, tmp_path):

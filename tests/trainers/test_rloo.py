@@ -13,6 +13,7 @@ from tests.trainers.test_grpo import (
     HAND_ESTIMATORS,
     drifted_policy,
     exact_full_kl,
+    full_sequence,
     online_args,
     prompts,
     reward_distinct,
@@ -25,12 +26,8 @@ BETA = 0.05  # RLOO's default
 
 
 def completion_logps(trainer, model, batch) -> torch.Tensor:
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     with torch.no_grad():
-        return RLOOTrainer._get_per_token_logps_and_entropies(
-            trainer, model, input_ids, attention_mask, batch["completion_ids"].size(1)
-        )[0]
+        return RLOOTrainer._get_per_token_logps_and_entropies(trainer, model, *full_sequence(batch))[0]
 
 
 class RecordingRLOOTrainer(RegularizedRLOOTrainer):
