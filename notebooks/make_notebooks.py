@@ -70,8 +70,11 @@ from trl_regularizers.demo.runs import target_char_reward, task_prompts
 prompts = Dataset.from_dict({"prompt": task_prompts() * 4})''',
             '''from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer  # was: from trl import GRPOConfig, GRPOTrainer
 
-args = RegularizedGRPOConfig(output_dir="grpo_kl", beta=0.2, kl_estimator="k1", kl_placement="reward",
-                             learning_rate=2e-3, per_device_train_batch_size=8, num_generations=8,
+# KL in the reward, as RLOO does: k1 summed over the completion, subtracted before the group normalization.
+# beta multiplies a sum over ~16 tokens here, so it is much smaller than a per-token beta in the loss
+# (kl_placement="loss", kl_estimator="k3", beta=0.2); the demo report shows both (reports/demo/report.md).
+args = RegularizedGRPOConfig(output_dir="grpo_kl", beta=0.005, kl_estimator="k1", kl_placement="reward",
+                             learning_rate=5e-4, per_device_train_batch_size=8, num_generations=8,
                              max_completion_length=16, max_steps=4, **cpu)
 trainer = RegularizedGRPOTrainer(model=model_name, reward_funcs=target_char_reward, args=args, train_dataset=prompts)
 trainer.train()''',
