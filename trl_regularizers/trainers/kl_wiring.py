@@ -184,8 +184,8 @@ class KLWiringMixin:
         clamp does not apply to it (it never exponentiates a log-ratio).
         """
         if self.args.kl_estimator == FULL_VOCAB_ESTIMATOR:
-            weight, ref_weight = (causal_lm(self.accelerator.unwrap_model(m)).get_output_embeddings().weight for m in (
-                self.model, self.model if self.ref_model is None else self.ref_model))
+            weight = self._lm_head_weight(self.model)
+            ref_weight = weight if self.ref_model is None else self._lm_head_weight(self.ref_model)  # PEFT: same head
             # logits / temperature == (hidden / temperature) @ W.T, as TRL scores the sampled tokens
             hidden, ref_hidden = policy.hidden / self.temperature, ref_hidden.detach() / self.temperature
             estimate = full_vocab_kl_from_hidden(
@@ -195,6 +195,9 @@ class KLWiringMixin:
             bounded_ref = self._bounded_ref(policy.logps, ref_logps)
             estimate = per_token_kl(policy.logps, bounded_ref, self.args.kl_estimator, self.args.kl_direction)
         return check_finite(f"KL ({self.args.kl_estimator})", estimate * mask)
+
+    def _lm_head_weight(self, model: torch.nn.Module) -> torch.Tensor:
+        return causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight
 
     def _log_kl(self, estimate, logps, ref_logps, mask, parent_logs_kl: bool = False) -> None:
         """Log ``kl`` (token mean of the estimate, unless the parent logs it), ``kl/k1``, ``kl/k3``, ``kl/coef``;
