@@ -131,13 +131,14 @@ def make_dataset(profile: dict, rows: int) -> Dataset:
     })
 
 
-def ptx_block_size(profile: dict) -> int:
+def sequence_length(profile: dict) -> int:
+    """Prompt + completion tokens: the DPO ``max_length`` and the ptx block size."""
     return profile["prompt_len"] + profile["completion_len"]
 
 
 def make_pretrain_dataset(profile: dict) -> Dataset:
     rng = random.Random(1)
-    return Dataset.from_dict({"text": ["".join(rng.choice("abcdefghij klmnop") for _ in range(4 * ptx_block_size(profile))) for _ in range(64)]})
+    return Dataset.from_dict({"text": ["".join(rng.choice("abcdefghij klmnop") for _ in range(4 * sequence_length(profile))) for _ in range(64)]})
 
 
 def time_ptx_alone(model_path: str, profile: dict, repeats: int) -> float:
@@ -145,7 +146,7 @@ def time_ptx_alone(model_path: str, profile: dict, repeats: int) -> float:
     on_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.to("cuda" if on_gpu else "cpu").train()
-    input_ids = torch.randint(0, model.config.vocab_size, (profile["batch"], ptx_block_size(profile)), device=model.device)
+    input_ids = torch.randint(0, model.config.vocab_size, (profile["batch"], sequence_length(profile)), device=model.device)
     times = []
     for _ in range(repeats):
         if on_gpu:
@@ -169,9 +170,9 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
         task_fields = dict(max_completion_length=profile["completion_len"], num_generations=profile["batch"])
         task_inputs = dict(reward_funcs=distinct_chars)
     else:
-        task_fields, task_inputs = dict(max_length=profile["prompt_len"] + profile["completion_len"]), {}
+        task_fields, task_inputs = dict(max_length=sequence_length(profile)), {}
     if side.fields.get("ptx_coef"):
-        task_fields["ptx_block_size"] = ptx_block_size(profile)
+        task_fields["ptx_block_size"] = sequence_length(profile)
         task_inputs["pretrain_dataset"] = make_pretrain_dataset(profile)
     config = load(side.config)(
         output_dir=out_dir, per_device_train_batch_size=profile["batch"], max_steps=profile["steps"], learning_rate=1e-6,

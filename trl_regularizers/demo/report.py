@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trl_regularizers.demo.runs import STRENGTH_LABELS, TARGET_CHAR, series
+from trl_regularizers.demo.runs import GRPO_SETTINGS, STRENGTH_LABELS, TARGET_CHAR, series
 
 
 def _plt():
@@ -173,11 +173,8 @@ def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Pa
         "(TRL RLOO's convention), in the loss it multiplies the per-token KL.",
         "",
         _table(
-            ["run", "KL estimator", "KL placement", "beta", "learning rate", "ptx_coef"],
-            [
-                [name, *(_setting(r["settings"].get(key)) for key in ("kl_estimator", "kl_placement", "beta", "learning_rate", "ptx_coef"))]
-                for name, r in summary["grpo"].items()
-            ],
+            ["run", *GRPO_SETTINGS],  # the config field names
+            [[name, *(_setting(r["settings"].get(key)) for key in GRPO_SETTINGS)] for name, r in summary["grpo"].items()],
         ),
         "",
         _table(

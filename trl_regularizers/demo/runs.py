@@ -194,8 +194,8 @@ holds the policy near the base on seeds 0, 1 and 2 while the reward rises; ``GRP
 that learning rate (it still over-optimizes), so the KL term, not the learning rate, is what holds the policy.
 """
 
-GRPO_SETTINGS = ("beta", "kl_estimator", "kl_placement", "learning_rate", "ptx_coef")
-"""Config fields saved in each (b) run record (``settings``) and shown in the report."""
+GRPO_SETTINGS = ("kl_estimator", "kl_placement", "beta", "learning_rate", "ptx_coef")
+"""Config fields saved in each (b) run record (``settings``) and shown, in this order, in the report."""
 
 
 def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
