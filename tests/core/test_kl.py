@@ -14,6 +14,7 @@ from trl_regularizers.core.kl import (
     register_kl_estimator,
 )
 
+SAMPLED = kl_estimator_names(include_full=False)
 VALUE_UNBIASED = {"k1", "k3"}  # E_pi[k(r)] = KL exactly, in either direction
 
 
@@ -31,7 +32,8 @@ def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor, direction: str) -> torc
 
 
 def test_registry_lists_every_estimator_and_rejects_unknown_names():
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "abs"}
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "abs", "full"}
+    assert SAMPLED == ("k1", "k2", "k3", "abs") and KL_ESTIMATORS["full"].needs_logits
     assert kl_estimator_names() == ("k1", "k2", "k3", "abs", "full")
     with pytest.raises(ValueError, match="k1, k2, k3, abs"):
         get_kl_estimator("k4")
@@ -55,7 +57,7 @@ def test_hand_computed_values():
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-@pytest.mark.parametrize("estimator", sorted(KL_ESTIMATORS))
+@pytest.mark.parametrize("estimator", SAMPLED)
 def test_every_estimator_is_zero_for_equal_distributions(estimator, direction):
     logp, _ = categorical_pair()
     values = per_token_kl(logp, logp.clone(), estimator, direction)
@@ -63,7 +65,7 @@ def test_every_estimator_is_zero_for_equal_distributions(estimator, direction):
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-@pytest.mark.parametrize("estimator", sorted(KL_ESTIMATORS))
+@pytest.mark.parametrize("estimator", SAMPLED)
 def test_exact_expectation_matches_kl_only_for_unbiased_estimators(estimator, direction):
     logp, ref_logp = categorical_pair(seed=3)
     expectation = (logp.exp() * per_token_kl(logp, ref_logp, estimator, direction)).sum()
@@ -75,7 +77,7 @@ def test_exact_expectation_matches_kl_only_for_unbiased_estimators(estimator, di
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-@pytest.mark.parametrize("estimator", sorted(KL_ESTIMATORS))
+@pytest.mark.parametrize("estimator", SAMPLED)
 def test_monte_carlo_mean_of_samples_from_pi(estimator, direction):
     """Unbiased estimators land within 4 standard errors of the exact KL; biased ones land on their own
     expectation (k2: E[r^2]/2; abs: E|r|), far from the KL."""
@@ -105,7 +107,7 @@ def test_k2_bias_is_the_second_order_term():
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-@pytest.mark.parametrize("estimator", sorted(KL_ESTIMATORS))
+@pytest.mark.parametrize("estimator", SAMPLED)
 def test_clamp_keeps_values_and_gradients_finite_at_huge_log_ratios(estimator, direction):
     logps = torch.tensor([1e4, -1e4, 3.0, -3.0], requires_grad=True)
     values = per_token_kl(logps, torch.zeros(4), estimator, direction, clamp=20.0)
@@ -114,6 +116,28 @@ def test_clamp_keeps_values_and_gradients_finite_at_huge_log_ratios(estimator, d
     # inside the bound the clamp changes nothing
     unclamped = per_token_kl(logps.detach()[2:], torch.zeros(2), estimator, direction)
     torch.testing.assert_close(values.detach()[2:], unclamped)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_clamp_bounds_the_reference_so_clamped_tokens_keep_their_gradient(estimator):
+    """kl_clamp has one meaning: |r| <= c by moving the reference; the gradient through log pi stays k'(+-c)."""
+    logps = torch.tensor([30.0, -30.0], dtype=torch.float64, requires_grad=True)
+    per_token_kl(logps, torch.zeros(2, dtype=torch.float64), estimator, clamp=5.0).sum().backward()
+    r = torch.tensor([5.0, -5.0], dtype=torch.float64).requires_grad_()
+    get_kl_estimator(estimator)(r).sum().backward()
+    torch.testing.assert_close(logps.grad, r.grad)
+    assert (logps.grad != 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("estimator", SAMPLED)
+def test_half_precision_inputs_give_finite_float32_estimates_at_the_default_clamp(estimator, direction, dtype):
+    logps = torch.tensor([-60.0, -20.0, 0.0, 20.0, 60.0], dtype=dtype)
+    values = per_token_kl(logps, torch.zeros(5, dtype=dtype), estimator, direction, clamp=20.0)
+    assert values.dtype == torch.float32 and torch.isfinite(values).all()
+    reference = per_token_kl(logps.double(), torch.zeros(5, dtype=torch.float64), estimator, direction, clamp=20.0)
+    torch.testing.assert_close(values.double(), reference, rtol=1e-5, atol=0)
 
 
 def test_unclamped_k3_overflows_which_is_why_the_clamp_exists():

@@ -21,6 +21,7 @@ from trl_regularizers.core.kl import (
     UNBIASED_REVERSE_KL_GRADIENT,
     kl_estimator_names,
     per_token_kl,
+    unbiased_estimators,
 )
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "kl_estimators.md"
@@ -110,3 +111,22 @@ def test_docs_table_lists_exactly_the_unbiased_pairs():
                 documented[direction].add((estimator.strip("`"), placement))
     assert documented["reverse"] == set(UNBIASED_REVERSE_KL_GRADIENT)
     assert documented["forward"] == set(UNBIASED_FORWARD_KL_GRADIENT)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unbiased_times_ratio_metadata(seed):
+    """GRPO's use_bias_correction_kl: the loss term k(r) * pi/sg(pi) (value k, plus a score-function part)."""
+    theta, ref_logp = policy_and_reference(seed)
+    truth = exact_kl_gradient(theta, ref_logp, "reverse")
+    found = set()
+    for estimator in kl_estimator_names():
+        theta_ = theta.clone().requires_grad_()
+        logp = torch.log_softmax(theta_, -1)
+        if estimator == "full":
+            values = full_vocab_kl(theta_[None], ref_logp[None]).double().expand(len(logp))
+        else:
+            values = per_token_kl(logp, ref_logp, estimator)
+        objective = (logp.exp().detach() * values * torch.exp(logp - logp.detach())).sum()
+        if torch.allclose(torch.autograd.grad(objective, theta_)[0], truth, atol=1e-5, rtol=0):
+            found.add(estimator)
+    assert found == set(unbiased_estimators("loss", times_ratio=True)) == {"k1", "k3", "full"}

@@ -23,6 +23,16 @@ from trl_regularizers.core.margins import (
     likert_margin,
     rating_margin,
 )
+from trl_regularizers.core.ppo import (
+    PolicyLossStats,
+    ValueLossStats,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    masked_var,
+    masked_whiten,
+    shape_rewards,
+)
 
 __all__ = [
     "AdaptiveKLController",
@@ -36,8 +46,13 @@ __all__ = [
     "LLAMA2_MARGIN_LARGE",
     "LLAMA2_MARGIN_SMALL",
     "MARGIN_SOURCES",
+    "PolicyLossStats",
+    "ValueLossStats",
+    "clipped_policy_loss",
+    "clipped_value_loss",
     "full_vocab_kl",
     "full_vocab_kl_from_hidden",
+    "gae",
     "get_kl_estimator",
     "kl_estimator_names",
     "label_margin",
@@ -46,9 +61,12 @@ __all__ = [
     "make_kl_controller",
     "margin_preference_loss",
     "masked_mean",
+    "masked_var",
+    "masked_whiten",
     "per_pair",
     "per_token_kl",
     "ptx_nll",
     "rating_margin",
     "register_kl_estimator",
+    "shape_rewards",
 ]

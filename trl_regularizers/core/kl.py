@@ -1,76 +1,137 @@
-"""Per-token KL estimators from sampled tokens (Schulman 2020, "Approximating KL divergence").
+"""KL estimators: one registry whose entries carry what they need and where their gradient is unbiased.
 
-Every estimator is a function of the per-token log-ratio ``r = log pi(y_t) - log pi_ref(y_t)`` of a
-token ``y_t`` sampled from ``pi``. With those samples:
+Sampled-token estimators are functions of the per-token log-ratio ``r = log pi(y_t) - log pi_ref(y_t)`` of a
+token ``y_t`` sampled from ``pi`` (Schulman 2020, "Approximating KL divergence"):
 
 * ``reverse`` direction estimates KL(pi || pi_ref) (eq. 2-4 of the regularization chapter);
 * ``forward`` direction estimates KL(pi_ref || pi) by importance weighting: with ``s = -r`` and
-  ``rho = exp(s) = pi_ref / pi``, the value is ``rho * k(s)``; for k3 this is the familiar
-  ``rho * log(rho) - rho + 1``.
+  ``rho = exp(s) = pi_ref / pi``, the value is ``rho * k(s)``; for k3 this is ``rho * log(rho) - rho + 1``.
 
-Which estimator x placement gives an unbiased *gradient* is tabulated in ``docs/kl_estimators.md``
-and asserted by ``tests/core/test_kl_gradients.py``.
+``full`` is the exact sum over the vocabulary (``trl_regularizers.core.full_kl``): it needs logits or final
+hidden states, not log-ratios (``KLEstimator.needs``).
+
+Each entry's ``unbiased`` set says in which (direction, placement) its expected gradient is the gradient of
+that direction's KL: the one table read by the trainers' warnings, ``docs/kl_estimators.md`` and
+``tests/core/test_kl_gradients.py`` (which re-derives it by exact enumeration).
 
 Adding an estimator is one decorated function; config validation and the shared tests pick it up.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
 
 KLEstimatorFn = Callable[[torch.Tensor], torch.Tensor]
 KLDirection = Literal["reverse", "forward"]
+KLPlacement = Literal["loss", "reward"]
 
-KL_ESTIMATORS: dict[str, KLEstimatorFn] = {}
 KL_DIRECTIONS: tuple[str, ...] = ("reverse", "forward")
-FULL_VOCAB_ESTIMATOR = "full"
-"""Name of the exact full-vocabulary KL (``trl_regularizers.core.full_kl``); it needs logits, not log-ratios."""
+KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
+"""``loss``: the estimate is added to the loss (pathwise gradient through log pi only).
+``reward``: it is subtracted from the reward (score-function gradient, no gradient through it)."""
 
 
-def register_kl_estimator(name: str) -> Callable[[KLEstimatorFn], KLEstimatorFn]:
-    """Register ``fn(log_ratio) -> per-token estimate`` under ``name``."""
+@dataclass(frozen=True)
+class KLEstimator:
+    """A registered KL estimator.
+
+    Attributes:
+        name: the ``kl_estimator`` value.
+        fn: per-token estimate from the log-ratio (any shape -> same shape); None when ``needs == "logits"``.
+        needs: ``"log_ratio"`` (sampled-token log-probs suffice) or ``"logits"`` (the whole distribution, from
+            logits or from final hidden states and the LM head).
+        unbiased: (direction, placement) pairs whose expected gradient is the gradient of that KL.
+        unbiased_times_ratio: the loss term ``k(r) * pi/pi_old`` (GRPO's ``use_bias_correction_kl``; the ratio
+            is 1 in value and adds the score-function part) has an unbiased reverse-KL gradient. Its gradient is
+            ``(k'(r) + k(r)) grad log pi``: ``1 + r`` for k1, exactly ``r`` for k3; for ``full`` the added part
+            has zero mean.
+    """
+
+    name: str
+    fn: KLEstimatorFn | None
+    needs: Literal["log_ratio", "logits"]
+    unbiased: frozenset[tuple[str, str]]
+    unbiased_times_ratio: bool = False
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.needs == "logits"
+
+
+KL_ESTIMATORS: dict[str, KLEstimator] = {}
+
+
+def register_kl_estimator(
+    name: str, unbiased: set[tuple[str, str]] = frozenset(), unbiased_times_ratio: bool = False
+) -> Callable[[KLEstimatorFn], KLEstimatorFn]:
+    """Register ``fn(log_ratio) -> per-token estimate`` under ``name`` with its gradient metadata."""
 
     def decorator(fn: KLEstimatorFn) -> KLEstimatorFn:
-        if name in KL_ESTIMATORS or name == FULL_VOCAB_ESTIMATOR:
-            raise ValueError(f"KL estimator {name!r} is already registered")
-        KL_ESTIMATORS[name] = fn
+        _register(KLEstimator(name, fn, "log_ratio", frozenset(unbiased), unbiased_times_ratio))
         return fn
 
     return decorator
 
 
+def _register(entry: KLEstimator) -> None:
+    if entry.name in KL_ESTIMATORS:
+        raise ValueError(f"KL estimator {entry.name!r} is already registered")
+    for direction, placement in entry.unbiased:
+        if direction not in KL_DIRECTIONS or placement not in KL_PLACEMENTS:
+            raise ValueError(f"unknown (direction, placement) {(direction, placement)!r} for {entry.name!r}")
+    KL_ESTIMATORS[entry.name] = entry
+
+
 def kl_estimator_names(include_full: bool = True) -> tuple[str, ...]:
-    """Names accepted by ``kl_estimator`` options; ``full`` is the exact full-vocabulary KL."""
-    names = tuple(KL_ESTIMATORS)
-    return (*names, FULL_VOCAB_ESTIMATOR) if include_full else names
+    """Names accepted by ``kl_estimator`` options (``include_full=False``: the sampled-token ones only)."""
+    return tuple(name for name, entry in KL_ESTIMATORS.items() if include_full or not entry.needs_logits)
 
 
-def get_kl_estimator(name: str) -> KLEstimatorFn:
-    """Return the sampled-token estimator registered as ``name``; the error lists the valid names."""
+def kl_estimator_info(name: str) -> KLEstimator:
+    """The registry entry of ``name``; the error lists the valid names."""
     try:
         return KL_ESTIMATORS[name]
     except KeyError:
-        hint = " ('full' needs logits: use trl_regularizers.core.full_kl)" if name == FULL_VOCAB_ESTIMATOR else ""
+        raise ValueError(f"Unknown KL estimator {name!r}. Valid estimators: {', '.join(KL_ESTIMATORS)}.") from None
+
+
+def get_kl_estimator(name: str) -> KLEstimatorFn:
+    """The per-token function of the sampled-token estimator ``name``."""
+    entry = kl_estimator_info(name)
+    if entry.fn is None:
         raise ValueError(
-            f"Unknown KL estimator {name!r}{hint}. Valid sampled-token estimators: {', '.join(KL_ESTIMATORS)}."
-        ) from None
+            f"KL estimator {name!r} needs {entry.needs}, not log-ratios: use trl_regularizers.core.full_kl. "
+            f"Sampled-token estimators: {', '.join(kl_estimator_names(include_full=False))}."
+        )
+    return entry.fn
 
 
-@register_kl_estimator("k1")
+def unbiased_estimators(placement: str, direction: str = "reverse", times_ratio: bool = False) -> list[str]:
+    """Estimators whose gradient is unbiased for the ``direction`` KL in ``placement`` (sorted names).
+
+    ``times_ratio``: the loss term is multiplied by ``pi/pi_old`` (GRPO's ``use_bias_correction_kl``).
+    """
+    if placement == "loss" and times_ratio and direction == "reverse":
+        return sorted(name for name, entry in KL_ESTIMATORS.items() if entry.unbiased_times_ratio)
+    return sorted(name for name, entry in KL_ESTIMATORS.items() if (direction, placement) in entry.unbiased)
+
+
+@register_kl_estimator("k1", unbiased={("reverse", "reward")}, unbiased_times_ratio=True)
 def k1(log_ratio: torch.Tensor) -> torch.Tensor:
     """k1 = r. Unbiased for KL(pi||pi_ref), high variance, can be negative per token."""
     return log_ratio
 
 
-@register_kl_estimator("k2")
+@register_kl_estimator("k2", unbiased={("reverse", "loss")})
 def k2(log_ratio: torch.Tensor) -> torch.Tensor:
     """k2 = r^2 / 2. Biased (second-order accurate for small KL), low variance, non-negative."""
     return 0.5 * log_ratio.square()
 
 
-@register_kl_estimator("k3")
+@register_kl_estimator("k3", unbiased_times_ratio=True)
 def k3(log_ratio: torch.Tensor) -> torch.Tensor:
     """k3 = exp(-r) - 1 + r. Unbiased for KL(pi||pi_ref), non-negative, low variance.
 
@@ -85,6 +146,28 @@ def abs_kl(log_ratio: torch.Tensor) -> torch.Tensor:
     return log_ratio.abs()
 
 
+FULL_VOCAB = KLEstimator("full", None, "logits", frozenset({("reverse", "loss"), ("forward", "loss")}), True)
+"""Exact full-vocabulary KL per position (``core.full_kl``); the same at every sampled token, so in the reward
+it carries no gradient for the current token."""
+_register(FULL_VOCAB)
+
+
+def bound_reference(logps: torch.Tensor, ref_logps: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """Reference log-probs moved to within ``clamp`` of the (detached) policy's, so ``|r| <= clamp`` (``kl_clamp``).
+
+    Bounding the reference rather than clamping ``r`` keeps every value exact where the bound is inactive and
+    the gradient through ``log pi`` finite and nonzero where it is active (the estimator's slope at
+    ``|r| = clamp``): a clamp of ``r`` itself would zero those tokens' gradients. Bounding happens before any
+    exp, so k3 cannot overflow (trl #3015, OpenRLHF #525). Shapes: ``[...]`` -> ``[...]``, detached.
+    """
+    if clamp is None:
+        return ref_logps.detach()
+    if not clamp > 0:
+        raise ValueError(f"clamp must be positive or None, got {clamp}")
+    anchor = logps.detach()
+    return torch.clamp(ref_logps.detach(), anchor - clamp, anchor + clamp)
+
+
 def per_token_kl(
     logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -96,23 +179,21 @@ def per_token_kl(
 
     Args:
         logps: log pi(y_t), any shape (typically [B, T]); gradients flow through it.
-        ref_logps: log pi_ref(y_t), same shape; treated as given (detach it yourself if needed).
+        ref_logps: log pi_ref(y_t), same shape; treated as a constant (detached).
         estimator: a name from ``kl_estimator_names(include_full=False)``.
         direction: ``"reverse"`` estimates KL(pi||pi_ref), ``"forward"`` estimates KL(pi_ref||pi).
-        clamp: if set, the log-ratio is clamped to ``[-clamp, clamp]`` *before* any exp, so values
-            and gradients stay finite (trl #3015, OpenRLHF #525). Clamped tokens get zero gradient.
+        clamp: ``kl_clamp``: the reference is bounded to within ``clamp`` of ``logps`` first
+            (``bound_reference``), so values and gradients stay finite.
 
     Returns:
-        Tensor of ``logps``' shape. Mask and reduce it yourself.
+        Tensor of ``logps``' shape, computed and returned in at least float32 (k3 at ``r = -20`` overflows
+        float16). Mask and reduce it yourself.
     """
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"Unknown KL direction {direction!r}. Valid directions: {', '.join(KL_DIRECTIONS)}.")
-    if clamp is not None and clamp <= 0:
-        raise ValueError(f"clamp must be positive or None, got {clamp}")
     fn = get_kl_estimator(estimator)
-    log_ratio = logps - ref_logps
-    if clamp is not None:
-        log_ratio = log_ratio.clamp(-clamp, clamp)
+    dtype = torch.promote_types(logps.dtype, torch.float32)
+    log_ratio = logps.to(dtype) - bound_reference(logps, ref_logps, clamp).to(dtype)
     if direction == "reverse":
         return fn(log_ratio)
     ref_to_policy = -log_ratio  # s = log(pi_ref / pi); rho = exp(s)
@@ -120,21 +201,19 @@ def per_token_kl(
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` over positions where ``mask`` is nonzero (all dims, or one ``dim``)."""
+    """Mean of ``values`` over positions where ``mask`` is nonzero (all dims, or one ``dim``); 0 where none is."""
     mask = mask.to(values.dtype)
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
-"""``loss``: the estimate is added to the loss (pathwise gradient through log pi only).
-``reward``: it is subtracted from the reward (score-function gradient, no gradient through it)."""
+def unbiased_pairs(direction: str) -> frozenset[tuple[str, str]]:
+    """(estimator, placement) pairs with an unbiased gradient of the ``direction`` KL, from the registry."""
+    return frozenset((name, p) for name, entry in KL_ESTIMATORS.items() for d, p in entry.unbiased if d == direction)
 
-UNBIASED_REVERSE_KL_GRADIENT: frozenset[tuple[str, str]] = frozenset({("k2", "loss"), ("full", "loss"), ("k1", "reward")})
-"""(estimator, placement) pairs whose expected gradient equals the gradient of KL(pi||pi_ref) for the reverse
-direction. Derived in docs/kl_estimators.md and checked by exact enumeration in tests/core/test_kl_gradients.py."""
 
-UNBIASED_FORWARD_KL_GRADIENT: frozenset[tuple[str, str]] = frozenset({("full", "loss")})
-"""The same for ``direction="forward"`` (gradient of KL(pi_ref||pi)). Note that reverse-direction k3 in the
-loss (GRPO's default) has the expected gradient of the *forward* KL (see docs/kl_estimators.md)."""
+UNBIASED_REVERSE_KL_GRADIENT = unbiased_pairs("reverse")
+"""Derived in docs/kl_estimators.md and checked by exact enumeration in tests/core/test_kl_gradients.py."""
+UNBIASED_FORWARD_KL_GRADIENT = unbiased_pairs("forward")
+"""Note that reverse-direction k3 in the loss (GRPO's default) has the expected gradient of the *forward* KL."""
