@@ -15,7 +15,7 @@ from tests.scripts.ptx_ddp import PtxDPO, preference_pairs, pretraining_texts
 from trl_regularizers.configs import RegularizedDPOConfig
 from trl_regularizers.ptx import PtxStream
 from trl_regularizers.testing import byte_tokenizer
-from trl_regularizers.trainers.common import TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA
+from trl_regularizers.trainers.adapters.base import TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA
 
 TOKENIZER = byte_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -146,14 +146,14 @@ def make_trainer(model_path, tmp_path, pretrain_dataset=None, **overrides):
 
 
 def record_ptx_batches(trainer) -> list[list]:
-    drawn, next_batch = [], trainer._ptx_stream.next_batch
+    drawn, next_batch = [], trainer.ptx_stream.next_batch
 
     def recording():
         batch = next_batch()
         drawn.append(batch["input_ids"].tolist())
         return batch
 
-    trainer._ptx_stream.next_batch = recording
+    trainer.ptx_stream.next_batch = recording
     return drawn
 
 
@@ -182,7 +182,7 @@ def test_step_adds_coef_times_nll_with_one_extra_forward(tiny_lm_path, tmp_path)
     stock.model.register_forward_hook(lambda *_: forwards.append(1))
     stock.train()
     assert len(forwards) == 1 and "ptx/nll" not in stock.state.log_history[0]
-    assert "ptx" not in getattr(stock, "_regularizer_state", {})
+    assert "ptx" not in stock.regularizer_state
 
 
 @pytest.mark.parametrize(
@@ -229,7 +229,7 @@ def test_resumed_run_draws_the_same_ptx_batches(tiny_lm_path, tmp_path):
     full = make_trainer(tiny_lm_path, tmp_path / "full", texts, **common)
     full_batches = record_ptx_batches(full)
     full.train()
-    assert len(full_batches) == 6 and full._ptx_stream.state_dict()["epoch"] == 1
+    assert len(full_batches) == 6 and full.ptx_stream.state_dict()["epoch"] == 1
 
     resumed = make_trainer(tiny_lm_path, tmp_path / "resumed", texts, **common)
     resumed_batches = record_ptx_batches(resumed)
@@ -250,32 +250,31 @@ def test_setup_errors_and_warnings(tiny_lm_path, tmp_path):
     with pytest.warns(UserWarning, match="ptx_coef=0.0"):
         unused = make_trainer(tiny_lm_path, tmp_path, pretraining_texts(), ptx_coef=0.0)
     unused.model.train()
-    assert unused._ptx_loss(unused.model) is None and "ptx" not in getattr(unused, "_regularizer_state", {})
+    assert unused.ptx_loss(unused.model) is None and "ptx" not in unused.regularizer_state
 
 
 def test_ptx_loss_is_off_in_eval_and_names_non_finite_values(tiny_lm_path, tmp_path):
     trainer = make_trainer(tiny_lm_path, tmp_path, pretraining_texts())
-    assert trainer._regularizer_state["ptx"] is trainer._ptx_stream
+    assert trainer.regularizer_state["ptx"] is trainer.ptx_stream
     trainer.model.eval()
-    assert trainer._ptx_loss(trainer.model) is None
-    assert trainer._ptx_stream.state_dict()["block"] == 0  # eval draws nothing
+    assert trainer.ptx_loss(trainer.model) is None
+    assert trainer.ptx_stream.state_dict()["block"] == 0  # eval draws nothing
     trainer.model.train()
     with torch.no_grad():
         trainer.model.get_output_embeddings().weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="the ptx term is not finite"):
-        trainer._ptx_loss(trainer.model)
+        trainer.ptx_loss(trainer.model)
 
 
 def test_reward_model_without_lm_head_is_refused(tiny_rm_path, tmp_path):
     import trl
 
     from trl_regularizers.configs import RegularizedRewardConfig
-    from trl_regularizers.ptx import PtxMixin
+    from trl_regularizers.trainers.adapters.reward import RewardAdapter
+    from trl_regularizers.trainers.ptx import PtxRegularizer
 
-    class PtxReward(PtxMixin, trl.RewardTrainer):
-        def __init__(self, *args, pretrain_dataset=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._setup_ptx(pretrain_dataset)
+    class PtxReward(PtxRegularizer, RewardAdapter):
+        pass
 
     args = RegularizedRewardConfig(output_dir=str(tmp_path), bf16=False, report_to="none", ptx_coef=0.1, ptx_block_size=16)
     pairs = datasets.Dataset.from_dict({"chosen": ["good"] * 4, "rejected": ["bad"] * 4})

@@ -21,11 +21,12 @@ class AdaptiveKLCallback(TrainerCallback):
     The trainer reports the KL of every sequence it penalizes with ``observe`` (train mode only). At each
     optimizer step end the callback sums those reports over all processes (a collective call: every rank runs
     ``on_step_end``), so ``beta`` is identical everywhere, updates the controller and writes ``trainer.beta``.
-    The controller is registered in ``trainer._regularizer_state["kl_controller"]``, so checkpoints hold it
+    The controller is registered in ``trainer.regularizer_state`` as ``"kl_controller"``, so checkpoints hold it
     and ``train(resume_from_checkpoint=...)`` restores ``beta`` bit for bit.
 
     Args:
-        trainer: a trainer with a ``beta`` attribute, an ``accelerator`` and a ``_regularizer_state`` dict.
+        trainer: a trainer with a ``beta`` attribute, an ``accelerator`` and a ``regularizer_state``
+            (``trainers.state.RegularizerState``).
         target: target KL per sequence (sum over completion tokens of the chosen estimator), in nats.
         horizon: controller horizon K (steps for a 20% error to move beta by 20%).
     """
@@ -34,7 +35,7 @@ class AdaptiveKLCallback(TrainerCallback):
         self.trainer = trainer
         self.controller = AdaptiveKLController(trainer.beta, target, horizon)
         self._window = torch.zeros(2, dtype=torch.float64)  # (sum of per-sequence KL, number of sequences)
-        trainer._regularizer_state["kl_controller"] = self.controller
+        trainer.regularizer_state.register("kl_controller", self.controller)
 
     def observe(self, kl_per_sequence: torch.Tensor) -> None:
         """Record this process's per-sequence KL values ([B]) for the current optimizer step."""

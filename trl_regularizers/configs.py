@@ -8,7 +8,7 @@ so ``TrlParser``/``HfArgumentParser`` expose it on the command line and in YAML.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig
 
@@ -192,6 +192,9 @@ class RegularizedDPOConfig(PtxArguments, MarginArguments, DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.validate_regularizers()
+
+    def validate_regularizers(self) -> None:
         _at_least("nll_alpha", self.nll_alpha, 0.0)
         _choice("nll_normalization", self.nll_normalization, NLL_NORMALIZATIONS)
         self._validate_margins()
@@ -211,6 +214,9 @@ class RegularizedRewardConfig(PtxArguments, MarginArguments, RewardConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.validate_regularizers()
+
+    def validate_regularizers(self) -> None:
         self._validate_margins()
         self._validate_ptx()
 
@@ -226,6 +232,9 @@ class RegularizedGRPOConfig(PtxArguments, KLArguments, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.validate_regularizers()
+
+    def validate_regularizers(self) -> None:
         self._validate_kl(self.beta)
         self._validate_ptx()
 
@@ -244,5 +253,36 @@ class RegularizedRLOOConfig(PtxArguments, KLArguments, RLOOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.validate_regularizers()
+
+    def validate_regularizers(self) -> None:
         self._validate_kl(self.beta)
         self._validate_ptx()
+
+
+def regularized_config(args, config_cls: type, model, trainer_name: str):
+    """The ``config_cls`` a ``Regularized*Trainer`` runs with, from what the user passed as ``args``.
+
+    * ``None``: ``config_cls`` defaults, with the output folder TRL's own default names (``<model>-<trainer_name>``);
+    * a ``config_cls``: itself;
+    * the stock TRL config that ``config_cls`` extends (the user swapped only the trainer class): a ``config_cls``
+      with every value of ``args`` and every new field at its default. The values are copied as they are, not
+      re-derived: TRL's ``__post_init__`` already ran on them (it derives fields such as GRPO's
+      ``generation_batch_size`` and refuses them when given twice).
+    """
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or type(model).__name__
+        return config_cls(output_dir=f"{name.rstrip('/').split('/')[-1]}-{trainer_name}")
+    if isinstance(args, config_cls):
+        return args
+    stock = next(base for base in config_cls.__mro__[1:] if base.__module__.startswith("trl."))
+    if not isinstance(args, stock):
+        raise TypeError(f"args must be a {config_cls.__name__} or a {stock.__name__}, got {type(args).__name__}.")
+    upgraded = object.__new__(config_cls)
+    upgraded.__dict__.update(vars(args))
+    for new_field in fields(config_cls):
+        if new_field.name not in upgraded.__dict__:
+            default = new_field.default if new_field.default_factory is MISSING else new_field.default_factory()
+            setattr(upgraded, new_field.name, default)
+    upgraded.validate_regularizers()
+    return upgraded

@@ -1,10 +1,10 @@
-"""Pretraining-data mixing (PPO-ptx, eq. 6; Ouyang et al. 2022): a packed, sharded, resumable stream of
-pretraining batches, and the trainer mixin that adds ``ptx_coef * NLL`` on those batches to the loss.
+"""Pretraining data for PPO-ptx (eq. 6; Ouyang et al. 2022): a packed, sharded, resumable stream of batches.
+
+The trainers add ``ptx_coef * NLL`` on these batches to their loss (``trainers.ptx.PtxRegularizer``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from itertools import islice
 from typing import Any, Iterator
@@ -12,14 +12,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from trl_regularizers.core.losses import ptx_nll
-from trl_regularizers.trainers.common import (
-    CheckpointedStateMixin,
-    check_finite,
-    log_metric,
-    mode_of,
-    scale_like_parent_loss,
-)
 
 INPUT_IDS = "input_ids"
 
@@ -246,71 +238,3 @@ class PtxStream:
                 )
         self._epoch, self._block = int(state["epoch"]), int(state["block"])
         self._blocks_iter = None
-
-
-class PtxMixin(CheckpointedStateMixin):
-    """Pretraining NLL mixing for a TRL trainer: ``class RegularizedDPOTrainer(PtxMixin, DPOTrainer)``.
-
-    The subclass calls ``self._setup_ptx(pretrain_dataset)`` after ``super().__init__()`` and, in
-    ``compute_loss``, adds ``self._ptx_loss(model)`` to the parent's loss when it is not None. The ptx batch
-    goes through the same backward, gradient-accumulation scaling and DDP sync as the parent's loss; its
-    stream position is saved in every checkpoint and restored on resume. Reads the ``PtxArguments`` fields
-    ``ptx_coef``, ``ptx_batch_size``, ``ptx_block_size`` and ``ptx_text_field`` of ``self.args``.
-    """
-
-    _ptx_stream: PtxStream | None = None
-
-    def _setup_ptx(self, pretrain_dataset) -> None:
-        """Build the sharded ptx stream and register it for checkpointing; errors before training on bad input."""
-        coef = getattr(self.args, "ptx_coef", 0.0)
-        self._ptx_stream = None
-        if pretrain_dataset is None:
-            if coef > 0:
-                raise ValueError(f"ptx_coef={coef} > 0 needs pretraining data: pass pretrain_dataset= to the trainer.")
-            return
-        if coef == 0:
-            warnings.warn(
-                "pretrain_dataset is given but ptx_coef=0.0, so it is not used. Set ptx_coef > 0 to mix it in.",
-                stacklevel=2,
-            )
-            return
-        if self.model.get_output_embeddings() is None:
-            raise ValueError(
-                f"ptx_coef={coef} > 0 needs a model with a language-modeling head; "
-                f"{type(self.model).__name__} has none."
-            )
-        max_positions = getattr(self.model.config, "max_position_embeddings", None)
-        if max_positions is not None and self.args.ptx_block_size > max_positions:
-            raise ValueError(
-                f"ptx_block_size={self.args.ptx_block_size} exceeds the model's "
-                f"max_position_embeddings={max_positions}."
-            )
-        # A Dataset backed by cache files is tokenized once, by the main process; in-memory data by all at once.
-        cached = bool(getattr(pretrain_dataset, "cache_files", None))
-        with self.accelerator.main_process_first() if cached else contextlib.nullcontext():
-            self._ptx_stream = PtxStream(
-                pretrain_dataset,
-                getattr(self.processing_class, "tokenizer", self.processing_class),
-                block_size=self.args.ptx_block_size,
-                batch_size=self.args.ptx_batch_size or self.args.per_device_train_batch_size,
-                text_field=self.args.ptx_text_field,
-                process_index=self.accelerator.process_index,
-                num_processes=self.accelerator.num_processes,
-                seed=self.args.seed,
-            )
-        if not hasattr(self, "_regularizer_state"):
-            self._regularizer_state = {}
-        self._regularizer_state["ptx"] = self._ptx_stream
-
-    def _ptx_loss(self, model) -> torch.Tensor | None:
-        """``ptx_coef * NLL`` of the next ptx batch through ``model`` (the accelerate-wrapped one), scaled
-        like the parent's loss; None in eval or when mixing is off."""
-        if self._ptx_stream is None or not self.model.training:
-            return None
-        batch = {k: v.to(self.accelerator.device) for k, v in self._ptx_stream.next_batch().items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        nll = ptx_nll(logits, batch["labels"])
-        log_metric(self, "ptx/nll", nll)
-        # The gathered mean is non-finite if any process's NLL is, so every process raises together.
-        check_finite("ptx", torch.tensor(self._metrics[mode_of(self)]["ptx/nll"][-1]))
-        return scale_like_parent_loss(self, self.args.ptx_coef * nll)

@@ -189,10 +189,13 @@ def test_bad_margin_setup_fails_before_training(tiny_lm_path, tmp_path, override
         assert "chosen_rating" in str(error.value)  # lists the dataset's columns
 
 
-def test_plain_dpo_config_is_refused(tiny_lm_path, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
-    with pytest.raises(TypeError, match="RegularizedDPOConfig"):
-        RegularizedDPOTrainer(model=model, args=config(tmp_path, cls=DPOConfig), train_dataset=preference_dataset())
+def test_stock_dpo_config_is_upgraded_and_trains_like_stock(tiny_lm_path, tmp_path):
+    _, stock = train(DPOTrainer, config(tmp_path / "stock", cls=DPOConfig), tiny_lm_path)
+    trainer, ours = train(RegularizedDPOTrainer, config(tmp_path / "ours", cls=DPOConfig), tiny_lm_path)
+    assert isinstance(trainer.args, RegularizedDPOConfig) and trainer.args.nll_alpha == 0.0 and trainer.args.beta == 0.5
+    assert [(s["loss"], s["grad_norm"]) for s in ours] == [(s["loss"], s["grad_norm"]) for s in stock]
+    with pytest.raises(TypeError, match="args must be a RegularizedDPOConfig or a DPOConfig, got dict"):
+        RegularizedDPOTrainer(model=tiny_lm_path, args={"beta": 0.1}, train_dataset=preference_dataset())
 
 
 PRETRAIN_TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(12)]

@@ -10,10 +10,12 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig
 
 from trl_regularizers.configs import RegularizedGRPOConfig
 from trl_regularizers.trainers.grpo import RegularizedGRPOTrainer
+from trl_regularizers.trainers.kl import estimate_kl
+from trl_regularizers.trainers.records import HiddenStates, KLRecord
 
 BETA = 0.04
 HAND_ESTIMATORS = {  # per-token formulas written out here, independent of trl_regularizers.core
@@ -137,14 +139,15 @@ class RecordingGRPOTrainer(RegularizedGRPOTrainer):
         return loss
 
 
-@pytest.mark.parametrize("beta", [0.0, BETA])
-def test_defaults_match_stock_grpo_exactly(tiny_lm_path, tmp_path, beta):
+@pytest.mark.parametrize("beta, our_config", [(0.0, RegularizedGRPOConfig), (BETA, RegularizedGRPOConfig), (BETA, GRPOConfig)])
+def test_defaults_match_stock_grpo_exactly(tiny_lm_path, tmp_path, beta, our_config):
+    """Also with the stock config (only the trainer class swapped): it is upgraded with the new fields' defaults."""
     stock_logs = train_logs(  # each trainer is trained right after it is built: __init__ seeds the RNG
         GRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, online_args(GRPOConfig, tmp_path, beta=beta), prompts())
     )
     our_logs = train_logs(
         RegularizedGRPOTrainer(
-            drifted_policy(tiny_lm_path), reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=beta), prompts()
+            drifted_policy(tiny_lm_path), reward_distinct, online_args(our_config, tmp_path, beta=beta), prompts()
         )
     )
     keys = ["loss", "grad_norm", "reward", "entropy"] + (["kl"] if beta else [])
@@ -220,9 +223,11 @@ def test_full_kl_gradient_is_the_exact_kl_gradient(tiny_lm_path, tmp_path):
         (kl * mask).sum().backward()
         return [parameter.grad.clone() for parameter in trainer.model.parameters()]
 
-    with trainer._capturing_logps() as calls:  # the policy call with grad, as in the loss
+    with trainer.recording_logp_calls() as calls:  # the policy call with grad, as in the loss
         trainer._get_per_token_logps_and_entropies(trainer.model, *full_sequence(inputs))
-    ours = gradient(trainer._kl_estimate(calls[0], inputs["ref_per_token_logps"], mask, inputs["ref_hidden_states"]))
+    ref_states = HiddenStates(inputs["ref_hidden_states"], trainer.lm_head_weight(trainer.ref_model), trainer.temperature)
+    record = KLRecord(calls[0].logps, inputs["ref_per_token_logps"], mask, calls[0].states, ref_states)
+    ours = gradient(estimate_kl(record, "full", "reverse", None))
     exact = gradient(exact_full_kl(trainer, inputs, with_grad=True))
     for ours_grad, exact_grad in zip(ours, exact):
         torch.testing.assert_close(ours_grad, exact_grad, rtol=1e-4, atol=1e-6)
@@ -299,8 +304,8 @@ def test_invalid_combinations_fail_before_training(tiny_lm_path, tmp_path):
         RegularizedGRPOTrainer(
             softcapped, reward_distinct, online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="full"), prompts()
         )
-    with pytest.raises(TypeError, match="needs its Regularized\\*Config"):
-        RegularizedGRPOTrainer(tiny_lm_path, reward_distinct, online_args(GRPOConfig, tmp_path, beta=BETA), prompts())
+    with pytest.raises(TypeError, match="args must be a RegularizedGRPOConfig or a GRPOConfig, got RLOOConfig"):
+        RegularizedGRPOTrainer(tiny_lm_path, reward_distinct, online_args(RLOOConfig, tmp_path, beta=BETA), prompts())
     with pytest.raises(ValueError, match="multi_objective_aggregation='sum_then_normalize'"):
         RegularizedGRPOTrainer(
             tiny_lm_path, reward_distinct,

@@ -255,7 +255,7 @@ def test_ptx_nll_is_mixed_into_each_micro_batch(tmp_path, tiny_lm_path, tiny_rm_
 
 @requires_trl_ppo
 def test_ptx_coef_without_pretrain_dataset_fails_before_training(tmp_path, tiny_lm_path, tiny_rm_path):
-    with pytest.raises(ValueError, match="ptx_coef=0.5 needs pretrain_dataset="):
+    with pytest.raises(ValueError, match="ptx_coef=0.5 > 0 needs pretraining data: pass pretrain_dataset= to RegularizedPPOTrainer"):
         _regularized(tmp_path, tiny_lm_path, tiny_rm_path, **PTX)
 
 

@@ -58,14 +58,15 @@ class RecordingRLOOTrainer(RegularizedRLOOTrainer):
         return loss
 
 
-@pytest.mark.parametrize("beta", [0.0, BETA])
-def test_defaults_match_stock_rloo_exactly(tiny_lm_path, tmp_path, beta):
+@pytest.mark.parametrize("beta, our_config", [(0.0, RegularizedRLOOConfig), (BETA, RegularizedRLOOConfig), (BETA, RLOOConfig)])
+def test_defaults_match_stock_rloo_exactly(tiny_lm_path, tmp_path, beta, our_config):
+    """Also with the stock config (only the trainer class swapped): it is upgraded with the new fields' defaults."""
     stock_logs = train_logs(
         RLOOTrainer(drifted_policy(tiny_lm_path), reward_distinct, online_args(RLOOConfig, tmp_path, beta=beta), prompts())
     )
     our_logs = train_logs(
         RegularizedRLOOTrainer(
-            drifted_policy(tiny_lm_path), reward_distinct, online_args(RegularizedRLOOConfig, tmp_path, beta=beta), prompts()
+            drifted_policy(tiny_lm_path), reward_distinct, online_args(our_config, tmp_path, beta=beta), prompts()
         )
     )
     keys = ["loss", "grad_norm", "reward", "entropy"] + (["kl"] if beta else [])

@@ -1,0 +1,51 @@
+"""Drop-in as TRL's own tests define it: each trainer takes ``args=None`` (TRL's quickstart form) and builds its
+``Regularized*Config`` defaults, with the output folder TRL would name.
+
+TRL's default config asks for bf16, which transformers refuses on a machine without a bf16 GPU (stock TRL fails
+there the same way), so the tests say bf16 is available: they only build the trainers."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+
+from trl_regularizers import (
+    RegularizedDPOConfig,
+    RegularizedDPOTrainer,
+    RegularizedGRPOConfig,
+    RegularizedGRPOTrainer,
+    RegularizedRewardConfig,
+    RegularizedRewardTrainer,
+    RegularizedRLOOConfig,
+    RegularizedRLOOTrainer,
+)
+
+PAIRS = Dataset.from_dict({"prompt": ["a", "b"], "chosen": ["yes", "yes"], "rejected": ["no", "no"]})
+PROMPTS = Dataset.from_dict({"prompt": ["hello", "abc"] * 4})
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize(
+    "trainer_cls, config_cls, suffix, needs",
+    [
+        (RegularizedDPOTrainer, RegularizedDPOConfig, "DPO", "lm"),
+        (RegularizedRewardTrainer, RegularizedRewardConfig, "Reward", "rm"),
+        (RegularizedGRPOTrainer, RegularizedGRPOConfig, "GRPO", "online"),
+        (RegularizedRLOOTrainer, RegularizedRLOOConfig, "RLOO", "online"),
+    ],
+)
+def test_init_without_args_builds_the_regularized_defaults(tiny_lm_path, tiny_rm_path, tmp_path, monkeypatch, trainer_cls, config_cls, suffix, needs):
+    monkeypatch.chdir(tmp_path)  # the default output folder is relative
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+    if needs == "online":
+        trainer = trainer_cls(model=tiny_lm_path, reward_funcs=reward_len, train_dataset=PROMPTS)
+    else:
+        trainer = trainer_cls(model=tiny_rm_path if needs == "rm" else tiny_lm_path, train_dataset=PAIRS)
+    defaults = config_cls(output_dir="unused")
+    assert type(trainer.args) is config_cls
+    model_path = tiny_rm_path if needs == "rm" else tiny_lm_path
+    assert trainer.args.output_dir.endswith(f"{model_path.rstrip('/').split('/')[-1]}-{suffix}")
+    assert (trainer.args.learning_rate, trainer.args.ptx_coef) == (defaults.learning_rate, 0.0)

@@ -1,0 +1,208 @@
+"""Shared base of the adapters: what every TRL trainer does alike (docs/trl_internals.md §1).
+
+``TrainerAdapter``: the gradient-accumulation rule for added loss terms, metric logging, checkpointed regularizer
+state. ``OnlineAdapter`` (GRPO, RLOO): records the per-token log-prob calls both trainers make through
+``_get_per_token_logps_and_entropies`` (same signature and return tuple in every supported TRL), with the final
+hidden states when an estimator needs the whole distribution.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from trl_regularizers.trainers.records import HiddenStates, KLRecord
+from trl_regularizers.trainers.state import RegularizerState
+
+TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA = hasattr(Trainer, "loss_is_scaled_for_ga")
+"""transformers >= 5.19 reads ``Trainer.loss_is_scaled_for_ga``; older versions ignore the attribute."""
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TrainerAdapter:
+    """Mixed in before a TRL trainer class; owns ``regularizer_state`` and the shared insertion helpers."""
+
+    def __init__(self, *args, **kwargs):
+        self.regularizer_state = RegularizerState()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def mode(self) -> str:
+        """``"train"`` or ``"eval"``, as TRL decides it (docs/trl_internals.md §1.2)."""
+        return "train" if self.model.training else "eval"
+
+    def language_model(self) -> torch.nn.Module:
+        """The policy's causal LM (PPO's adapter skips its value head)."""
+        return self.model
+
+    def trainer_divides_by_ga(self) -> bool:
+        """True when the HF Trainer divides ``compute_loss``'s result by the GA steps (docs/trl_internals.md §1.1):
+        DPO/Reward/RLOO yes, GRPO no (it scales its own loss)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None) if TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA else None
+        if scaled is None:
+            scaled = bool(getattr(self, "model_accepts_loss_kwargs", False)) or self.compute_loss_func is not None
+        return not scaled
+
+    def scale_like_parent_loss(self, term: torch.Tensor) -> torch.Tensor:
+        """Scale an added loss term the way the parent's loss is scaled, so gradient accumulation sums it right."""
+        if self.model.training and not self.trainer_divides_by_ga():
+            return term / self.current_gradient_accumulation_steps
+        return term
+
+    def log_metric(self, name: str, value: torch.Tensor | float) -> float:
+        """Log the mean of ``value`` over all processes under ``name`` and return it. Collective: call on every rank."""
+        if not torch.is_tensor(value):
+            value = torch.tensor(float(value))
+        value = value.detach().float().mean().reshape(1).to(self.accelerator.device)
+        mean = self.accelerator.gather_for_metrics(value).mean().item()
+        self._metrics[self.mode][name].append(mean)
+        return mean
+
+    def log_reduced_metric(self, name: str, value: float, mode: str | None = None) -> None:
+        """Log a value that is already the same on every process."""
+        self._metrics[mode or self.mode][name].append(float(value))
+
+    def set_metric(self, name: str, value: float, mode: str) -> None:
+        """Replace what ``name`` will report at the next log (e.g. a whole-eval-set accuracy)."""
+        self._metrics[mode][name] = [float(value)]
+
+    def drop_last_metric(self, name: str) -> None:
+        self._metrics[self.mode][name].pop()
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The mean of each metric logged in this mode since the last call, clearing them (for own train loops)."""
+        metrics = self._metrics[self.mode]
+        means = {name: sum(values) / len(values) for name, values in metrics.items()}
+        metrics.clear()
+        return means
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self.regularizer_state.save(os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+
+    def resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder that ``train(resume_from_checkpoint=...)`` means, or None."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        return resume_from_checkpoint or None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None:
+            self.regularizer_state.load(checkpoint)
+        return super().train(checkpoint, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class LogpCall:
+    """One recorded ``_get_per_token_logps_and_entropies`` call."""
+
+    logps: torch.Tensor
+    """[B, T] what the call returned (the completion tokens' log-probs at TRL's temperature)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logits_to_keep: int
+    extra_args: tuple
+    kwargs: dict
+    states: HiddenStates | None
+    """The whole distribution as final hidden states + LM head (only when the regularizer needs logits)."""
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, T] float: the completion part of the attention mask."""
+        return self.attention_mask[:, -self.logits_to_keep :].to(self.logps.dtype)
+
+
+@dataclass(frozen=True)
+class KLPlan:
+    """What the KL regularizer asks of an online trainer's own KL (stock TRL: ``native`` in TRL's placement)."""
+
+    native: bool
+    """TRL computes the configured KL itself; the adapter only bounds the reference log-probs it reads."""
+    placement: str
+    """``"loss"`` or ``"reward"``."""
+    needs_states: bool = False
+    """Record final hidden states (estimators that need the whole distribution)."""
+
+
+class OnlineAdapter(TrainerAdapter):
+    """GRPO/RLOO: records log-prob calls. Insertion points (stock defaults here; ``KLRegularizer`` overrides them):
+    ``kl_plan()``, ``bound_reference(logps, ref_logps)``, ``kl_penalty(record, logged_by_trl) -> [B, T]``."""
+
+    trl_kl_estimator = "k3"
+    trl_kl_placement = "loss"
+    """The KL TRL computes itself (estimator, placement)."""
+    _logp_calls: list[LogpCall] | None = None
+    _on_logp_call: Callable | None = None
+
+    def kl_plan(self) -> KLPlan:
+        return KLPlan(native=True, placement=self.trl_kl_placement)
+
+    def bound_reference(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+        return ref_logps
+
+    def kl_penalty(self, record: KLRecord, logged_by_trl: bool) -> torch.Tensor:
+        """Per-token KL estimate [B, T] (masked); also logs it. Only called when the plan is not native."""
+        raise NotImplementedError
+
+    @contextmanager
+    def recording_logp_calls(self, on_call: Callable[[LogpCall], torch.Tensor | None] | None = None):
+        """Record every log-prob call made inside the block. ``on_call(call)`` runs right after each call, before
+        TRL reads anything else; a tensor it returns replaces the log-probs TRL receives."""
+        self._logp_calls, self._on_logp_call = [], on_call
+        try:
+            yield self._logp_calls
+        finally:
+            self._logp_calls, self._on_logp_call = None, None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self._logp_calls is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        needs_states = self.kl_plan().needs_states
+        with self._recording_hidden(model, logits_to_keep) if needs_states else nullcontext() as hidden:
+            logps, *rest = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        states = HiddenStates(torch.cat(hidden), self.lm_head_weight(model), self.temperature) if needs_states else None
+        call = LogpCall(logps, input_ids, attention_mask, logits_to_keep, args, kwargs, states)
+        self._logp_calls.append(call)
+        replaced = self._on_logp_call(call) if self._on_logp_call is not None else None
+        return (logps if replaced is None else replaced, *rest)
+
+    def score_like(self, call: LogpCall) -> LogpCall:
+        """Score the sequences of ``call`` with the policy, without grad, recorded the same way."""
+        with torch.no_grad(), self.recording_logp_calls() as calls:
+            self._get_per_token_logps_and_entropies(
+                self.model, call.input_ids, call.attention_mask, call.logits_to_keep, *call.extra_args, **call.kwargs
+            )
+        return calls[0]
+
+    @contextmanager
+    def _recording_hidden(self, model: torch.nn.Module, logits_to_keep: int):
+        """Collect, per backbone forward of ``model``, the final hidden states that predict the last
+        ``logits_to_keep`` tokens (the positions TRL scores), with their autograd graph."""
+        recorded: list[torch.Tensor] = []
+
+        def record(module, inputs, output):
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            recorded.append(hidden[:, -logits_to_keep - 1 : -1])
+
+        handle = causal_lm(self.accelerator.unwrap_model(model)).base_model.register_forward_hook(record)
+        try:
+            yield recorded
+        finally:
+            handle.remove()
+
+    def lm_head_weight(self, model: torch.nn.Module) -> torch.Tensor:
+        return causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight

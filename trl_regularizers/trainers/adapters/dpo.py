@@ -1,0 +1,128 @@
+"""Adapter of ``trl.DPOTrainer`` (docs/trl_internals.md §2). Line numbers are TRL 1.16's ``dpo_trainer.py``.
+
+The batch is ``[chosen; rejected]`` along dim 0 (``DataCollatorForPreference``). ``_compute_loss`` keeps its
+log-probs local and returns only the loss, so forward hooks record the outputs of the forwards it runs anyway
+(no extra forward) and the adapter turns them into a ``PreferenceRecord``.
+
+Insertion points (stock defaults here; the regularized trainer overrides them):
+* ``pair_columns()``: per-pair float columns to carry from the dataset into the batch (e.g. ``margin``);
+* ``prepare_pairs(dataset, args, name)``: add or check those columns before TRL tokenizes the dataset;
+* ``record_needs()``: ``None`` (no record), ``"policy"`` or ``"policy+reference"``;
+* ``preference_loss(record)``: a term added to TRL's loss (unscaled: the Trainer divides it by GA like TRL's).
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer
+from trl.trainer.utils import selective_log_softmax
+
+from trl_regularizers.trainers.adapters.base import TrainerAdapter
+from trl_regularizers.trainers.records import PreferenceRecord
+
+
+def completion_token_logps(output, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T-1] log-probs of the completion tokens (0 elsewhere) from a recorded causal-LM output. TRL >= 1.15
+    returns them from its fused LM head (``.log_probs``, L1299-1302); older TRL returns ``.logits``."""
+    shift_mask = completion_mask[:, 1:]
+    log_probs = getattr(output, "log_probs", None)
+    if log_probs is None:
+        log_probs = selective_log_softmax(output.logits[:, :-1], input_ids[:, 1:])
+    return log_probs[:, -shift_mask.size(1) :] * shift_mask.to(log_probs.dtype)
+
+
+class _PairColumnsCollator:
+    """Wraps TRL's collator and adds each per-pair column as a float [B] tensor."""
+
+    def __init__(self, collator, columns: list[str]):
+        self.collator, self.columns = collator, columns
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        for name in self.columns:
+            batch[name] = torch.tensor([float(example[name]) for example in examples], dtype=torch.float32)
+        return batch
+
+
+class DPOAdapter(TrainerAdapter, DPOTrainer):
+    _recorded: list | None = None
+
+    def pair_columns(self) -> list[str]:
+        return []
+
+    def prepare_pairs(self, dataset, args, dataset_name: str):
+        """Runs inside TRL's ``__init__``, before ``self.args`` is set: read ``args``."""
+        return dataset
+
+    def record_needs(self) -> str | None:
+        return None
+
+    def preference_loss(self, record: PreferenceRecord) -> torch.Tensor | float:
+        return 0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.record_needs() is not None:
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    self.accelerator.unwrap_model(module).register_forward_hook(self._record_output)
+        if self.pair_columns():
+            self.data_collator = _PairColumnsCollator(self.data_collator, self.pair_columns())
+
+    def loss_weight(self, loss_type: str) -> float:
+        """The weight TRL gives the ``loss_type`` term of its loss (``loss_type`` must be one of them)."""
+        return self.loss_weights[self.loss_types.index(loss_type)]
+
+    def _record_output(self, module, module_args, output):
+        if self._recorded is not None:
+            self._recorded.append(output)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return super()._prepare_dataset(self.prepare_pairs(dataset, args, dataset_name), processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        missing = [name for name in self.pair_columns() if name not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
+
+    def compute_ref_log_probs(self, model, inputs):
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in self.pair_columns()})
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        columns = {name: inputs.pop(name) for name in self.pair_columns()}
+        needs = self.record_needs()
+        self._recorded = [] if needs is not None else None
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            recorded, self._recorded = self._recorded, None
+        if needs is None:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + self.preference_loss(self._preference_record(recorded, inputs, columns, needs))
+        return (loss, outputs) if return_outputs else loss
+
+    def _preference_record(self, recorded: list, inputs: dict, columns: dict, needs: str) -> PreferenceRecord:
+        # _compute_loss runs the policy forward first (L1299), then the reference (L1336 through self.model with
+        # PEFT, L1338 through self.ref_model), unless the reference log-probs were precomputed into the batch.
+        input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+        n = input_ids.size(0) // 2
+        logps = completion_token_logps(recorded[0], input_ids, completion_mask)
+        mask = completion_mask[:, 1:].to(logps.dtype)
+        ref_chosen = ref_rejected = None
+        if needs == "policy+reference":
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = completion_token_logps(recorded[1], input_ids, completion_mask).sum(-1).chunk(2)
+            ref_chosen, ref_rejected = ref_chosen.detach().to(logps.dtype), ref_rejected.detach().to(logps.dtype)
+        return PreferenceRecord(
+            chosen_logps=logps[:n],
+            rejected_logps=logps[n:],
+            chosen_mask=mask[:n],
+            rejected_mask=mask[n:],
+            chosen_lengths=inputs["attention_mask"][:n].sum(-1),
+            ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected,
+            columns=columns,
+        )
