@@ -267,8 +267,6 @@ def test_ptx_loss_is_off_in_eval_and_names_non_finite_values(tiny_lm_path, tmp_p
 
 
 def test_reward_model_without_lm_head_is_refused(tiny_rm_path, tmp_path):
-    import trl
-
     from trl_regularizers.configs import RegularizedRewardConfig
     from trl_regularizers.trainers.adapters.reward import RewardAdapter
     from trl_regularizers.trainers.ptx import PtxRegularizer

@@ -3,19 +3,18 @@
     dataset = add_margin_column(dataset, config)   # config: any MarginArguments (RegularizedDPOConfig, ...)
 
 adds a float ``margin`` column (the name TRL's RewardTrainer reads) according to ``config.margin_source``:
-``"column"`` copies and checks ``margin_column``; ``"rating"``, ``"likert"`` and ``"label"`` use the functions
-of ``trl_regularizers.core.margins``. Every row is checked (a missing or non-finite margin is an error naming
+each source of the ``trl_regularizers.core.margins.MARGIN_SOURCES`` registry names its columns and its row
+function. Every row is checked (a missing or non-finite margin is an error naming
 the row, never a silently dropped term). Missing columns are an error naming them and listing the dataset's.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 
 from trl_regularizers.configs import MarginArguments
-from trl_regularizers.core.margins import label_margin, likert_margin, normalize_label, rating_margin
+from trl_regularizers.core.margins import MARGIN_SOURCES, finite_margin, normalize_label
 
 MARGIN = "margin"
 
@@ -24,35 +23,6 @@ def column_names(dataset) -> list[str]:
     """Columns of a ``Dataset`` or ``IterableDataset`` (the first example's keys when the schema is unknown)."""
     names = getattr(dataset, "column_names", None)
     return list(names) if names is not None else list(next(iter(dataset)).keys())
-
-
-def margin_source_columns(args: MarginArguments) -> list[str]:
-    """Dataset columns that ``args.margin_source`` reads."""
-    return {
-        None: [],
-        "column": [args.margin_column],
-        "rating": [args.margin_chosen_rating_field, args.margin_rejected_rating_field],
-        "likert": [args.margin_chosen_rating_field, args.margin_rejected_rating_field],
-        "label": [args.margin_label_field],
-    }[args.margin_source]
-
-
-def _row_margin_fn(args: MarginArguments) -> Callable[[dict], float]:
-    chosen, rejected = args.margin_chosen_rating_field, args.margin_rejected_rating_field
-    if args.margin_source == "column":
-        return lambda row: _finite_margin(row[args.margin_column])
-    if args.margin_source == "rating":
-        return lambda row: rating_margin(row[chosen], row[rejected], args.margin_scale)
-    if args.margin_source == "likert":
-        return lambda row: likert_margin(row[chosen], row[rejected], args.margin_likert_points, args.margin_scale)
-    labels = args.margin_labels()
-    return lambda row: label_margin(row[args.margin_label_field], labels, args.margin_scale)
-
-
-def _finite_margin(value) -> float:
-    if value is None or isinstance(value, (str, bytes)) or not math.isfinite(float(value)):
-        raise ValueError(f"margin must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _checked_rows(dataset, row_margin: Callable[[dict], float], dataset_name: str):
@@ -69,10 +39,10 @@ def check_margin_column(dataset, dataset_name: str = "train"):
     """Check that every row of an existing ``margin`` column is a finite number (TRL would train on NaN or
     fail mid-run on None). Returns the dataset (re-mapped lazily for an ``IterableDataset``)."""
     if getattr(dataset, "column_names", None) is None:
-        return _checked_rows(dataset, lambda row: _finite_margin(row[MARGIN]), dataset_name)
+        return _checked_rows(dataset, lambda row: finite_margin(row[MARGIN]), dataset_name)
     for index, value in enumerate(dataset[MARGIN]):
         try:
-            _finite_margin(value)
+            finite_margin(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
     return dataset
@@ -91,16 +61,14 @@ def add_margin_column(dataset, args: MarginArguments, dataset_name: str = "train
     if args.margin_source is None:
         return dataset
     available = column_names(dataset)
-    missing = [name for name in margin_source_columns(args) if name not in available]
+    source = MARGIN_SOURCES[args.margin_source]
+    missing = [name for name in source.columns(args) if name not in available]
     if missing:
-        fields = {"column": "margin_column", "label": "margin_label_field"}.get(
-            args.margin_source, "margin_chosen_rating_field / margin_rejected_rating_field"
-        )
         raise ValueError(
             f"margin_source={args.margin_source!r} needs the column(s) {missing} in the {dataset_name} dataset, "
-            f"which has the columns {available}. Set {fields} to the right column name."
+            f"which has the columns {available}. Set {' / '.join(source.column_fields)} to the right column name."
         )
-    return _checked_rows(dataset, _row_margin_fn(args), dataset_name)
+    return _checked_rows(dataset, lambda row: source.row_margin(row, args), dataset_name)
 
 
 def margin_bucket_namer(args: MarginArguments) -> Callable[[float], str]:

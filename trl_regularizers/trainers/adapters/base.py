@@ -20,6 +20,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl_regularizers.trainers.records import HiddenStates, KLRecord
 from trl_regularizers.trainers.state import RegularizerState
 
+REF_HIDDEN_KEY = "ref_hidden_states"
+"""Rollout-batch key of the reference's final hidden states (estimators that need logits, in the loss): the
+rollout keeps them, not [B, T, V] logits."""
 TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA = hasattr(Trainer, "loss_is_scaled_for_ga")
 """transformers >= 5.19 reads ``Trainer.loss_is_scaled_for_ga``; older versions ignore the attribute."""
 

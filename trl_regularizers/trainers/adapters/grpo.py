@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
-from trl_regularizers.trainers.adapters.base import LogpCall, OnlineAdapter
+from trl_regularizers.trainers.adapters.base import REF_HIDDEN_KEY, LogpCall, OnlineAdapter
 from trl_regularizers.trainers.records import HiddenStates, KLRecord
 
 KL_REWARD_NAME = "kl_penalty"
-REF_HIDDEN_KEY = "ref_hidden_states"
-"""Rollout-batch key of the reference's final hidden states (``full`` in the loss): the rollout keeps them, not
-[B, T, V] logits."""
 
 
 def grpo_aggregations(trainer) -> dict:

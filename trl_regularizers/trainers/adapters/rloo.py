@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from trl import RLOOTrainer
 
-from trl_regularizers.trainers.adapters.base import LogpCall, OnlineAdapter
-from trl_regularizers.trainers.adapters.grpo import REF_HIDDEN_KEY
+from trl_regularizers.trainers.adapters.base import REF_HIDDEN_KEY, LogpCall, OnlineAdapter
 from trl_regularizers.trainers.records import HiddenStates, KLRecord
 
 
