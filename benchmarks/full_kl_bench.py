@@ -94,12 +94,12 @@ def sweep(z, r):
         for warps in (4, 8, 16):
             full_kl_triton.FWD_BLOCK_V, full_kl_triton.FWD_NUM_WARPS = block, warps
             full_kl_triton.BWD_BLOCK_V, full_kl_triton.BWD_NUM_WARPS = block, warps
-            kl, lz, lr = full_kl_triton.full_kl_forward(z, r, True)
+            kl, *stats = full_kl_triton.full_kl_forward(z, r, True)  # kl, then max and log-sum of each side
             fwd = do_bench(lambda: full_kl_triton.full_kl_forward(z, r, True), warmup=10, rep=60, return_mode="median")
             ones = torch.ones_like(kl)
             grad = torch.empty_like(z)
             bwd = do_bench(
-                lambda: full_kl_triton.full_kl_backward(z, r, lz, lr, kl, ones, True, out=grad),
+                lambda: full_kl_triton.full_kl_backward(z, r, *stats, kl, ones, True, out=grad),
                 warmup=10, rep=60, return_mode="median",
             )
             rows.append({"block": block, "warps": warps, "fwd_ms": fwd, "bwd_ms": bwd})

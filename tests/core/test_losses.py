@@ -40,3 +40,91 @@ def test_ptx_nll_is_the_token_mean_of_shifted_cross_entropy():
     ignored = torch.tensor([[2, 1, -100]])
     torch.testing.assert_close(ptx_nll(logits, ignored), torch.tensor(math.log(4)))
     assert ptx_nll(logits, torch.full((1, 3), -100)).item() == 0.0
+
+
+# Numerics and argument checks ---------------------------------------------------------------------------------
+
+
+def test_length_normalized_nll_ignores_whatever_masked_positions_hold():
+    """-inf (a masked-vocabulary token) or NaN outside the mask gave NaN (-inf * 0); now value and gradient are
+    those of the masked-in tokens only."""
+    for garbage in (float("-inf"), float("nan")):
+        token_logps = torch.tensor([[-1.0, -2.0, garbage], [garbage, -0.5, -0.5]], requires_grad=True)
+        mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+        value = length_normalized_nll(token_logps, mask)
+        (grad,) = torch.autograd.grad(value.sum(), token_logps)
+        torch.testing.assert_close(value, torch.tensor([1.5, 0.5]))
+        torch.testing.assert_close(grad, torch.tensor([[-0.5, -0.5, 0.0], [0.0, -0.5, -0.5]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_length_normalized_nll_sums_half_precision_in_float32(dtype):
+    """100 float16 log-probs of -1000 summed to -inf in float16; bf16 sums of many tokens lost their last terms."""
+    token_logps = torch.full((1, 100), -1000.0, dtype=dtype)
+    value = length_normalized_nll(token_logps, torch.ones(1, 100))
+    assert value.dtype == torch.float32 and value.item() == 1000.0
+    small = torch.full((1, 512), -1.0, dtype=dtype)
+    small[0, 0] = -512.0  # bf16 accumulation: 512 + 511 * 1 stops growing at 512 + 2^k steps
+    assert length_normalized_nll(small, torch.ones(1, 512)).item() == pytest.approx((512 + 511) / 512, rel=1e-6)
+
+
+def test_length_normalized_nll_checks_shapes():
+    with pytest.raises(ValueError, match=r"token_logps \(2, 3\) and mask \(2, 1\) must both be \[B, T\]"):
+        length_normalized_nll(torch.zeros(2, 3), torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"lengths must have shape \[B\] = \(2,\), got \(2, 1\)"):
+        length_normalized_nll(torch.zeros(2, 3), torch.ones(2, 3), lengths=torch.ones(2, 1))
+
+
+def test_margin_loss_subtracts_the_margin_in_float32():
+    """With bf16 logits the subtraction ran in bf16: 100 - 99.6 came out as 0.5 instead of 0.4."""
+    logits = torch.tensor([100.0], dtype=torch.bfloat16)
+    value = margin_preference_loss(logits, torch.tensor([99.6]))
+    expected = math.log1p(math.exp(-(100.0 - 99.6)))
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_margin_loss_of_extreme_float16_logits_is_exact():
+    """float16 logits and margins: -60000 - 5000 rounded to -64992 in float16; float32 math gives 65000."""
+    logits = torch.tensor([-60000.0, 60000.0], dtype=torch.float16, requires_grad=True)
+    value = margin_preference_loss(logits, torch.tensor([5000.0, -5000.0], dtype=torch.float16))
+    (grad,) = torch.autograd.grad(value.sum(), logits)
+    assert value.tolist() == [65000.0, 0.0]
+    assert grad.tolist() == [-1.0, 0.0]
+
+
+def test_ptx_nll_ignored_rows_of_minus_inf_give_no_nan_gradient():
+    """An ignored position whose logits are all -inf (a fully masked vocabulary) put NaN into the gradient
+    through log_softmax; only the kept rows enter the loss now."""
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1] = float("-inf")
+    logits.requires_grad_()
+    value = ptx_nll(logits, torch.tensor([[0, 1, -100]]))
+    (grad,) = torch.autograd.grad(value, logits)
+    assert value.item() == pytest.approx(math.log(4))
+    torch.testing.assert_close(grad[0, 0], torch.tensor([0.25, -0.75, 0.25, 0.25]))
+    assert (grad[0, 1:] == 0).all()
+
+
+def test_ptx_nll_with_nothing_to_predict_is_zero_even_for_infinite_logits():
+    """``logits.sum() * 0`` was NaN when the logits held -inf or summed past the float32 range (3e38 + 3e38)."""
+    for fill in (3e38, float("-inf")):
+        logits = torch.full((1, 3, 4), fill, requires_grad=True)
+        value = ptx_nll(logits, torch.full((1, 3), -100))
+        (grad,) = torch.autograd.grad(value, logits)
+        assert value.item() == 0.0 and (grad == 0).all()
+
+
+def test_ptx_nll_checks_its_arguments():
+    logits = torch.zeros(1, 3, 4)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) or ignore_index=-100, got 7"):
+        ptx_nll(logits, torch.tensor([[0, 7, 1]]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\) or ignore_index=-100, got -1"):
+        ptx_nll(logits, torch.tensor([[0, -1, 1]]))
+    with pytest.raises(ValueError, match="ignore_index must be an integer, got -100.0"):
+        ptx_nll(logits, torch.tensor([[0, 1, 1]]), ignore_index=-100.0)
+    with pytest.raises(ValueError, match="labels must hold integer token ids, got dtype torch.float32"):
+        ptx_nll(logits, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] and labels \[B, T\], got \(1, 3, 4\) and \(1, 2\)"):
+        ptx_nll(logits, torch.zeros(1, 2, dtype=torch.long))
+    assert ptx_nll(logits, torch.tensor([[0, 1, 3]]), ignore_index=3).item() == pytest.approx(math.log(4))

@@ -3,12 +3,19 @@
 KL(pi || pi_ref) = sum_v p_v (log p_v - log q_v) (eq. 3 of the regularization chapter) and
 KL(pi_ref || pi) = sum_v q_v (log q_v - log p_v), with p = softmax(logits), q = softmax(ref_logits).
 
-The forward pass keeps only per-position float32 statistics (KL and both log-sum-exps); the backward
-pass recomputes the probabilities and writes the closed-form gradient w.r.t. the logits z straight
-into a tensor of the logits' dtype:
+The forward pass keeps only per-position float32 statistics (KL, and the max and log-sum-exp remainder of
+each side's logits); the backward pass recomputes the probabilities and writes the closed-form gradient
+w.r.t. the logits z straight into a tensor of the logits' dtype:
 
 * reverse: dKL/dz_v = p_v (log p_v - log q_v - KL)
 * forward: dKL/dz_v = p_v - q_v
+
+Masked vocabulary entries (logit ``-inf``: vocabulary masks, top-k/top-p processed or padded vocabularies)
+follow the limits of the formula: an entry with probability 0 in the distribution the KL averages over
+contributes 0 to the value and gets gradient 0 (0 log 0 = 0), whatever the other side holds there. An entry
+with mass on that side only (reverse: p_v > 0 = q_v) makes the KL +inf: included positions then raise a
+ValueError that names the position instead of returning inf and NaN gradients (a trainer would step on
+them silently). Positions with ``mask == 0`` give exactly 0 with zero gradient whatever their logits.
 
 Two backends compute the same values: ``"torch"`` (pure PyTorch, ``chunk_size`` positions at a
 time, any device) and ``"triton"`` (``trl_regularizers.kernels``, one fused pass per row, CUDA only;
@@ -20,6 +27,7 @@ The reference is a constant: no gradient flows to ``ref_logits`` / ``ref_hidden`
 
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 from typing import Literal
 
@@ -30,6 +38,10 @@ from trl_regularizers.core.kl import KL_DIRECTIONS, KLDirection
 DEFAULT_CHUNK_SIZE = 1024
 FullKLBackend = Literal["auto", "torch", "triton"]
 FULL_KL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+MAX_ABS_LOGIT = 1e37
+"""Finite logits up to this magnitude give a finite KL and gradient: in float32, |log p - log q - KL| stays below
+about 4 * MAX_ABS_LOGIT + 2 log V, well inside its 3.4e38."""
+_INF, _NEG_INF = float("inf"), float("-inf")
 
 
 @lru_cache(maxsize=1)
@@ -55,25 +67,54 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _torch_stats(z: torch.Tensor, r: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse_z = torch.logsumexp(z.float(), dim=-1)
-    lse_r = torch.logsumexp(r.float(), dim=-1)
-    logp = z.float() - lse_z[:, None]
-    logq = r.float() - lse_r[:, None]
-    kl = (logp.exp() * (logp - logq)).sum(-1) if reverse else (logq.exp() * (logq - logp)).sum(-1)
-    return kl, lse_z, lse_r
+def _lse_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max ``m`` and ``log sum_v exp(x_v - m)`` of float32 [n, V] logits, each [n].
+
+    ``log_softmax = (x - m) - log_sum``: subtracting the max first keeps ``x - m`` exact for close logits, where
+    ``x - (m + log_sum)`` would round ``log_sum`` away at large magnitudes (two tied logits of 1e30 got p = 1 each).
+    A row without a finite logit gives ``m = -inf`` and NaN below; the caller rejects or masks it.
+    """
+    m = x.amax(-1)
+    return m, (x - m[:, None]).exp().sum(-1).log()
 
 
-def _torch_grad(z, r, lse_z, lse_r, kl, grad_kl, reverse: bool) -> torch.Tensor:
-    logp = z.float() - lse_z[:, None]
-    logq = r.float() - lse_r[:, None]
+def _log_probs(x: torch.Tensor, m: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    return (x.float() - m[:, None]) - log_sum[:, None]
+
+
+def _kl_rows(logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
+    """KL(x || y) = sum_v x_v (log x_v - log y_v) per row of [n, V] log-probabilities, with masked entries:
+
+    ``x_v = 0`` contributes 0 (0 log 0 = 0, whatever ``y_v``); ``x_v > 0 = y_v`` makes the row +inf.
+    """
+    term = logx.exp() * (logx - logy)
+    term = torch.where(logy == _NEG_INF, _INF, term)  # before the next line: 0 beats +inf when both are masked
+    return torch.where(logx == _NEG_INF, 0.0, term).sum(-1)
+
+
+def _torch_stats(z: torch.Tensor, r: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, ...]:
+    z, r = z.float(), r.float()
+    m_z, ls_z = _lse_parts(z)
+    m_r, ls_r = _lse_parts(r)
+    logp, logq = _log_probs(z, m_z, ls_z), _log_probs(r, m_r, ls_r)
+    kl = _kl_rows(logp, logq) if reverse else _kl_rows(logq, logp)
+    return kl, m_z, ls_z, m_r, ls_r
+
+
+def _torch_grad(z, r, m_z, ls_z, m_r, ls_r, kl, grad_kl, reverse: bool) -> torch.Tensor:
+    logp = _log_probs(z, m_z, ls_z)
     p = logp.exp()
-    grad = p * (logp - logq - kl[:, None]) if reverse else p - logq.exp()
-    return (grad * grad_kl[:, None]).to(z.dtype)
+    if reverse:
+        grad = p * (logp - _log_probs(r, m_r, ls_r) - kl[:, None])
+        grad = torch.where(logp == _NEG_INF, 0.0, grad)  # p log p -> 0: a masked logit gets no gradient
+    else:
+        grad = p - _log_probs(r, m_r, ls_r).exp()
+    # Rows with a zero upstream gradient (excluded by the mask) may hold anything, NaN included: write 0.
+    return torch.where(grad_kl[:, None] != 0, grad * grad_kl[:, None], 0.0).to(z.dtype)
 
 
 def _stats(z, r, reverse: bool, backend: str, chunk_size: int):
-    """Per-row (KL, lse(z), lse(r)) in float32 for [N, V] logits."""
+    """Per-row float32 (KL, max z, log-sum z, max r, log-sum r) for [N, V] logits (``_lse_parts``)."""
     if backend == "triton":
         from trl_regularizers.kernels.full_kl_triton import full_kl_forward
 
@@ -82,49 +123,50 @@ def _stats(z, r, reverse: bool, backend: str, chunk_size: int):
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def _grad(z, r, lse_z, lse_r, kl, grad_kl, reverse: bool, backend: str, chunk_size: int, out=None):
-    """Gradient of ``sum(grad_kl * KL)`` w.r.t. the [N, V] logits ``z``, in z's dtype."""
+def _grad(z, r, stats, grad_kl, reverse: bool, backend: str, chunk_size: int, out=None):
+    """Gradient of ``sum(grad_kl * KL)`` w.r.t. the [N, V] logits ``z``, in z's dtype; ``stats`` from ``_stats``."""
+    kl, m_z, ls_z, m_r, ls_r = stats
     if backend == "triton":
         from trl_regularizers.kernels.full_kl_triton import full_kl_backward
 
-        return full_kl_backward(z, r, lse_z, lse_r, kl, grad_kl, reverse, out=out)
+        return full_kl_backward(z, r, m_z, ls_z, m_r, ls_r, kl, grad_kl, reverse, out=out)
     out = torch.empty_like(z) if out is None else out
     for i in range(0, z.shape[0], chunk_size):
         s = slice(i, i + chunk_size)
-        out[s] = _torch_grad(z[s], r[s], lse_z[s], lse_r[s], kl[s], grad_kl[s], reverse)
+        out[s] = _torch_grad(z[s], r[s], m_z[s], ls_z[s], m_r[s], ls_r[s], kl[s], grad_kl[s], reverse)
     return out
 
 
 class _FullKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, reverse: bool, backend: str, chunk_size: int):
-        kl, lse_z, lse_r = _stats(logits, ref_logits, reverse, backend, chunk_size)
-        ctx.save_for_backward(logits, ref_logits, lse_z, lse_r, kl)
+        stats = _stats(logits, ref_logits, reverse, backend, chunk_size)
+        ctx.save_for_backward(logits, ref_logits, *stats)
         ctx.config = (reverse, backend, chunk_size)
-        return kl
+        return stats[0]
 
     @staticmethod
     def backward(ctx, grad_kl):
-        logits, ref_logits, lse_z, lse_r, kl = ctx.saved_tensors
-        return _grad(logits, ref_logits, lse_z, lse_r, kl, grad_kl, *ctx.config), None, None, None, None
+        logits, ref_logits, *stats = ctx.saved_tensors
+        return _grad(logits, ref_logits, stats, grad_kl, *ctx.config), None, None, None, None
 
 
 class _FullKLFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, ref_hidden, weight, ref_weight, reverse: bool, backend: str, chunk_size: int):
-        stats = []
+        parts = []
         for i in range(0, hidden.shape[0], chunk_size):
             logits = hidden[i : i + chunk_size] @ weight.T
             ref_logits = ref_hidden[i : i + chunk_size] @ ref_weight.T
-            stats.append(_stats(logits, ref_logits, reverse, backend, chunk_size))
-        kl, lse_z, lse_r = (torch.cat(column) for column in zip(*stats))
-        ctx.save_for_backward(hidden, ref_hidden, weight, ref_weight, lse_z, lse_r, kl)
+            parts.append(_stats(logits, ref_logits, reverse, backend, chunk_size))
+        stats = tuple(torch.cat(column) for column in zip(*parts))
+        ctx.save_for_backward(hidden, ref_hidden, weight, ref_weight, *stats)
         ctx.config = (reverse, backend, chunk_size)
-        return kl
+        return stats[0]
 
     @staticmethod
     def backward(ctx, grad_kl):
-        hidden, ref_hidden, weight, ref_weight, lse_z, lse_r, kl = ctx.saved_tensors
+        hidden, ref_hidden, weight, ref_weight, *stats = ctx.saved_tensors
         reverse, backend, chunk_size = ctx.config
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[2] else None
@@ -132,11 +174,14 @@ class _FullKLFromHidden(torch.autograd.Function):
             s = slice(i, i + chunk_size)
             logits = hidden[s] @ weight.T
             ref_logits = ref_hidden[s] @ ref_weight.T
-            grad_logits = _grad(logits, ref_logits, lse_z[s], lse_r[s], kl[s], grad_kl[s], reverse, backend, chunk_size, out=logits)
+            chunk_stats = [t[s] for t in stats]
+            grad_logits = _grad(logits, ref_logits, chunk_stats, grad_kl[s], reverse, backend, chunk_size, out=logits)
             if grad_hidden is not None:
                 grad_hidden[s] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ hidden[s]).float()
+                # An excluded row's gradient is 0, but 0 * NaN is not: drop its hidden state (left padding can be NaN).
+                kept = torch.where(grad_kl[s, None] != 0, hidden[s], 0.0)
+                grad_weight += (grad_logits.T @ kept).float()
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         return grad_hidden, None, grad_weight, None, None, None, None
 
@@ -144,12 +189,58 @@ class _FullKLFromHidden(torch.autograd.Function):
 def _check(direction: str, chunk_size: int) -> None:
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"Unknown KL direction {direction!r}. Valid directions: {', '.join(KL_DIRECTIONS)}.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    try:
+        size = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
 def _apply_mask(kl: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return kl if mask is None else kl * mask.to(kl.dtype)
+    """``KL * mask`` where ``mask != 0``, exactly 0 (and no gradient into the row) where ``mask == 0``."""
+    if mask is None:
+        return kl
+    try:
+        fits = torch.broadcast_shapes(mask.shape, kl.shape) == kl.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the positions' shape {tuple(kl.shape)}")
+    return torch.where(mask != 0, kl * mask.to(kl.dtype), 0.0)
+
+
+def _check_finite(kl: torch.Tensor, mask: torch.Tensor | None, reverse: bool, why) -> torch.Tensor:
+    """Raise a ValueError saying where and why when an included position's KL is not finite (one device sync)."""
+    bad = ~torch.isfinite(kl)
+    if not bool(bad.any()):
+        return kl
+    index = tuple(bad.nonzero()[0].tolist())
+    name = "KL(pi||pi_ref)" if reverse else "KL(pi_ref||pi)"
+    if mask is not None and not bool(torch.isfinite(mask.expand(kl.shape)[index])):
+        reason = "mask is NaN or inf there"
+    else:
+        reason = why(index)
+    raise ValueError(
+        f"{name} is not finite at {int(bad.sum())} of {kl.numel()} positions (first at {index}, mask != 0 there): "
+        f"{reason}. Positions with mask == 0 give 0 whatever their logits."
+    )
+
+
+def _logits_reason(z: torch.Tensor, r: torch.Tensor, reverse: bool) -> str:
+    """Why the KL of one row pair (policy ``z``, reference ``r``, [V]) is not finite."""
+    for name, row in (("logits", z), ("ref_logits", r)):
+        if bool(row.isnan().any()) or bool((row == _INF).any()):
+            return f"{name} hold NaN or +inf"
+        if not bool((row > _NEG_INF).any()):
+            return f"every entry of {name} is -inf (no distribution)"
+    x, y, x_name, y_name = (z, r, "logits", "ref_logits") if reverse else (r, z, "ref_logits", "logits")
+    if bool(((x > _NEG_INF) & (y == _NEG_INF)).any()):
+        return (
+            f"{y_name} is -inf at tokens where {x_name} is not: that KL is +inf (mass on one side only); "
+            "mask the same vocabulary entries on both sides, or exclude the position with mask"
+        )
+    return f"the logits overflow float32 math (supported: |logit| <= {MAX_ABS_LOGIT:g})"
 
 
 def full_vocab_kl(
@@ -164,17 +255,24 @@ def full_vocab_kl(
     """Exact KL between the next-token distributions at every position.
 
     Args:
-        logits: policy logits [..., V] (any float dtype; math runs in float32).
-            Divide by the sampling temperature first if the policy samples at one.
-        ref_logits: reference logits, same shape; treated as constant.
-        mask: optional [...] mask; masked-out positions return 0 (their logits are still read).
+        logits: policy logits [..., V] (any float dtype; math runs in float32), finite with
+            ``|logit| <= MAX_ABS_LOGIT`` or ``-inf`` (masked entry). Divide by the sampling temperature first if
+            the policy samples at one.
+        ref_logits: reference logits, same shape and domain; treated as constant.
+        mask: optional [...] mask (bool, 0/1 or weights): the result is ``KL * mask`` where ``mask != 0`` and
+            exactly 0, with zero gradient, where ``mask == 0``, whatever the logits hold there.
         direction: ``"reverse"`` for KL(pi||pi_ref), ``"forward"`` for KL(pi_ref||pi).
-        chunk_size: positions per chunk of the torch backend; its peak extra memory is about
-            4 * chunk_size * V float32. The Triton backend needs no extra memory beyond the gradient.
+        chunk_size: positions per chunk of the torch backend (integer >= 1); its peak extra memory is about
+            5 * chunk_size * V float32. The Triton backend needs no extra memory beyond the gradient.
         backend: ``"auto"`` (Triton for CUDA tensors when importable, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
         float32 tensor of shape ``logits.shape[:-1]``.
+
+    Raises:
+        ValueError: when an included position's KL is not finite (one device sync per call): the side the KL
+            averages over has mass where the other is ``-inf`` (the KL is +inf), a row is ``-inf`` everywhere,
+            or logits are NaN, +inf or beyond ``MAX_ABS_LOGIT``; the message names the first such position.
     """
     _check(direction, chunk_size)
     if logits.shape != ref_logits.shape:
@@ -185,8 +283,9 @@ def full_vocab_kl(
     ref_flat = ref_logits.detach().reshape(-1, vocab)
     if backend == "triton":
         flat, ref_flat = (t if t.stride(-1) == 1 else t.contiguous() for t in (flat, ref_flat))
-    kl = _FullKL.apply(flat, ref_flat, direction == "reverse", backend, chunk_size)
-    return _apply_mask(kl.reshape(logits.shape[:-1]), mask)
+    reverse = direction == "reverse"
+    kl = _apply_mask(_FullKL.apply(flat, ref_flat, reverse, backend, chunk_size).reshape(logits.shape[:-1]), mask)
+    return _check_finite(kl, mask, reverse, lambda i: _logits_reason(logits[i].detach(), ref_logits[i], reverse))
 
 
 def full_vocab_kl_from_hidden(
@@ -211,10 +310,18 @@ def full_vocab_kl_from_hidden(
         hidden: policy final hidden states [..., H] (after the final norm).
         ref_hidden: reference hidden states, same shape.
         weight: policy LM-head weight [V, H]; ref_weight: reference LM-head weight [V, H].
-        mask, direction, chunk_size, backend: as in ``full_vocab_kl``.
+        mask, direction, chunk_size, backend: as in ``full_vocab_kl``; positions with ``mask == 0`` give 0 and
+            no gradient to ``hidden`` or ``weight`` even if their hidden states are NaN.
 
     Returns:
         float32 tensor of shape ``hidden.shape[:-1]``.
+
+    Raises:
+        ValueError: when an included position's KL is not finite: its logits (computed in ``hidden``'s
+            dtype) overflow that dtype or ``MAX_ABS_LOGIT``, or the inputs hold NaN/inf there.
+
+    The gradients are products in the inputs' dtype: finite while ``|dKL/dlogits| @ |weight|`` and
+    ``|dKL/dlogits|.T @ |hidden|`` fit it (``|dKL/dlogits|`` is at most about the logits' spread).
     """
     _check(direction, chunk_size)
     if hidden.shape != ref_hidden.shape or weight.shape != ref_weight.shape or hidden.shape[-1] != weight.shape[-1]:
@@ -224,13 +331,16 @@ def full_vocab_kl_from_hidden(
         )
     backend = resolve_backend(backend, hidden.device)
     size = hidden.shape[-1]
+    reverse = direction == "reverse"
     kl = _FullKLFromHidden.apply(
         hidden.reshape(-1, size),
         ref_hidden.detach().reshape(-1, size),
         weight,
         ref_weight.detach(),
-        direction == "reverse",
+        reverse,
         backend,
         chunk_size,
     )
-    return _apply_mask(kl.reshape(hidden.shape[:-1]), mask)
+    kl = _apply_mask(kl.reshape(hidden.shape[:-1]), mask)
+    why = f"the logits hidden @ weight.T overflow {hidden.dtype} or |logit| > {MAX_ABS_LOGIT:g}, or the inputs hold NaN/inf"
+    return _check_finite(kl, mask, reverse, lambda index: why)

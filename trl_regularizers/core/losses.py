@@ -1,9 +1,12 @@
 """Regularizing loss terms. Equation numbers refer to the regularization chapter (shared/reference).
 
-Shapes: B = batch (pairs or sequences), T = tokens, V = vocabulary.
+Shapes: B = batch (pairs or sequences), T = tokens, V = vocabulary. Half-precision inputs are computed and
+returned in float32 (sums of many bf16/fp16 terms lose precision or overflow).
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -21,27 +24,45 @@ def per_pair(values: torch.Tensor, name: str) -> torch.Tensor:
     return values
 
 
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The widest floating dtype among ``tensors`` and float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 def length_normalized_nll(token_logps: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence NLL divided by a length: the alpha term of DPO+NLL (eq. 7-8, Pang et al. 2024).
+
+    ``-sum_t mask_t logp_t / max(length, 1)``; positions with ``mask == 0`` contribute exactly 0 (value and
+    gradient) whatever ``token_logps`` holds there, ``-inf`` included.
 
     Args:
         token_logps: [B, T] log-probabilities of the target tokens.
         mask: [B, T], 1 on the tokens whose log-probs are summed (the chosen completion).
         lengths: [B] normalizers; defaults to ``mask.sum(-1)`` (completion tokens). Pass the
             prompt+completion lengths for the |c|+|y| normalization of eq. 8 read literally.
+            Lengths below 1 count as 1.
 
     Returns:
-        [B] tensor ``-sum_t mask * logp / length``.
+        [B] tensor in at least float32.
     """
-    mask = mask.to(token_logps.dtype)
-    total = (token_logps * mask).sum(-1)
+    if token_logps.dim() != 2 or mask.shape != token_logps.shape:
+        raise ValueError(f"token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
+    if lengths is not None and lengths.shape != token_logps.shape[:1]:
+        raise ValueError(f"lengths must have shape [B] = {tuple(token_logps.shape[:1])}, got {tuple(lengths.shape)}")
+    dtype = _compute_dtype(token_logps, mask)
+    weights = mask.to(dtype)
+    total = torch.where(mask != 0, token_logps.to(dtype) * weights, 0.0).sum(-1)
     if lengths is None:
-        lengths = mask.sum(-1)
-    return -total / lengths.to(total.dtype).clamp(min=1.0)
+        lengths = weights.sum(-1)
+    return -total / lengths.to(dtype).clamp(min=1.0)
 
 
 def margin_preference_loss(logits: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-pair ``-log sigmoid(logits - margin)``.
+    """Per-pair ``-log sigmoid(logits - margin)``, computed in at least float32.
 
     With ``logits = r(y_c) - r(y_r)`` this is the Llama 2 margin reward loss (eq. 9, Touvron et al. 2023);
     with ``logits = beta * (chosen log-ratio - rejected log-ratio)`` it is DPO with a per-pair offset
@@ -49,32 +70,55 @@ def margin_preference_loss(logits: torch.Tensor, margin: torch.Tensor | None = N
 
     Args:
         logits: [B] or [B, 1].
-        margin: [B] or [B, 1], or None.
+        margin: [B] or [B, 1], or None. Finite ``logits`` and ``margin`` give a finite loss while
+            ``|logits - margin|`` fits the compute dtype (float32: below 3.4e38).
 
     Returns:
         [B] losses (take ``.mean()`` for the batch loss).
     """
     logits = per_pair(logits, "logits")
+    dtype = _compute_dtype(logits) if margin is None else _compute_dtype(logits, margin)
+    logits = logits.to(dtype)
     if margin is not None:
         margin = per_pair(margin, "margin")
         if margin.shape != logits.shape:
             raise ValueError(f"margin has {margin.shape[0]} rows but there are {logits.shape[0]} pairs")
-        logits = logits - margin.to(logits.dtype)
+        # In the logits' own dtype a bf16 reward of 100 would round a margin of 0.4 to 0.5.
+        logits = logits - margin.to(dtype)
     return -F.logsigmoid(logits)
 
 
 def ptx_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Token-mean next-token NLL on pretraining data: the gamma term of PPO-ptx (eq. 6, Ouyang et al. 2022).
 
+    ``mean over t with labels[t+1] != ignore_index of -log softmax(logits[t])[labels[t+1]]``, in float32.
+    Ignored positions contribute nothing, value or gradient, whatever their logits (``-inf`` rows included).
+
     Args:
         logits: [B, T, V] logits of the model on the ptx batch.
-        labels: [B, T] token ids, ``ignore_index`` where no loss is taken; shifted by one inside.
+        labels: [B, T] integer token ids in ``[0, V)``, ``ignore_index`` where no loss is taken; shifted by one inside.
+        ignore_index: an integer.
 
     Returns:
-        scalar: mean over the non-ignored next-token predictions (0 if there are none).
+        scalar: mean over the non-ignored next-token predictions (0, still attached to ``logits``' graph, if
+        there are none).
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+    vocab = logits.shape[-1]
+    shift_logits = logits[:, :-1].reshape(-1, vocab)
     shift_labels = labels[:, 1:].reshape(-1)
-    if not (shift_labels != ignore_index).any():
-        return shift_logits.sum() * 0.0
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    keep = shift_labels != ignore_index
+    out_of_range = keep & ((shift_labels < 0) | (shift_labels >= vocab))
+    any_kept, any_out_of_range = torch.stack([keep.any(), out_of_range.any()]).tolist()  # one device sync
+    if any_out_of_range:
+        bad = int(shift_labels[out_of_range][0])
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}")
+    if not any_kept:
+        return shift_logits[:0].float().sum()  # 0 with a (zero) gradient path, even for inf logits
+    # Only the kept rows: an ignored row of -inf logits would give NaN gradients through log_softmax.
+    return F.cross_entropy(shift_logits[keep].float(), shift_labels[keep])
