@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 
 import pytest
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, TrlParser
 
+from tests.trl_versions import HAS_PPO
 from trl_regularizers.configs import (
     KLArguments,
     MarginArguments,
@@ -55,7 +58,8 @@ def test_every_new_field_is_documented(ours, parent):
         (RegularizedGRPOConfig, dict(kl_estimator="k9"), "kl_estimator='k9' is not valid. Allowed values: k1, k2, k3, abs, full"),
         (RegularizedGRPOConfig, dict(kl_placement="advantage"), "kl_placement='advantage'.*loss, reward"),
         (RegularizedRLOOConfig, dict(kl_direction="both"), "kl_direction='both'.*reverse, forward"),
-        (RegularizedGRPOConfig, dict(kl_clamp=0.0), "kl_clamp must be > 0"),
+        (RegularizedGRPOConfig, dict(kl_clamp=0.0), r"kl_clamp must be in \(0, 50.0\]"),
+        (RegularizedGRPOConfig, dict(kl_clamp=100.0), r"kl_clamp must be in \(0, 50.0\]"),
         (RegularizedGRPOConfig, dict(kl_target=1.0, beta=0.0), "kl_target=1.0 needs beta > 0"),
         (RegularizedRLOOConfig, dict(beta=-0.1), "beta must be >= 0"),
         (RegularizedDPOConfig, dict(nll_alpha=-1.0), "nll_alpha must be >= 0"),
@@ -86,3 +90,69 @@ def test_yaml_and_command_line_reach_the_new_fields(tmp_path):
     yaml_file.write_text("output_dir: out\nbf16: false\nbeta: 0.05\nkl_estimator: k2\nkl_placement: reward\nkl_target: 3.0\n")
     (config,) = TrlParser((RegularizedGRPOConfig,)).parse_args_and_config(["--config", str(yaml_file), "--kl_clamp", "5"])
     assert (config.kl_estimator, config.kl_placement, config.kl_target, config.kl_clamp, config.beta) == ("k2", "reward", 3.0, 5.0, 0.05)
+
+
+def float_fields(config_cls) -> list[str]:
+    """Every field typed with float (alone, optional, or in a list), inherited TRL fields included."""
+    hints = typing.get_type_hints(config_cls)
+    return [f.name for f in dataclasses.fields(config_cls) if "float" in str(hints.get(f.name, ""))]
+
+
+def all_configs() -> list[type]:
+    configs = [ours for ours, _ in PAIRS]
+    if HAS_PPO:  # RegularizedPPOConfig exists on TRL 1.12 only (the [ppo] extra)
+        from trl_regularizers.trainers.ppo import RegularizedPPOConfig
+
+        configs.append(RegularizedPPOConfig)
+    return configs
+
+
+NON_FINITE_CASES = [
+    (config_cls, name, value)
+    for config_cls in all_configs()
+    for name in float_fields(config_cls)
+    for value in (math.nan, math.inf, -math.inf)
+]
+
+
+@pytest.mark.parametrize("config_cls, name, value", NON_FINITE_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_no_float_field_accepts_nan_or_inf(config_cls, name, value, tmp_path):
+    """Generated from the dataclass fields: a new float field is covered without a new test."""
+    hints = typing.get_type_hints(config_cls)
+    bad = [value] if "list" in str(hints[name]).lower() else value
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        config_cls(str(tmp_path), **CPU, **{name: bad})
+
+
+@pytest.mark.parametrize("config_cls", [RegularizedGRPOConfig, RegularizedDPOConfig])
+def test_non_finite_numbers_are_refused_from_the_command_line_and_yaml(config_cls, tmp_path):
+    field_name = "kl_target" if config_cls is RegularizedGRPOConfig else "nll_alpha"
+    parser = TrlParser((config_cls,))
+    with pytest.raises(ValueError, match=f"{field_name} must be a finite number"):
+        parser.parse_args_and_config(["--output_dir", "o", "--bf16", "False", f"--{field_name}", "inf"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"output_dir: out\nbf16: false\n{field_name}: .nan\n")
+    with pytest.raises(ValueError, match=f"{field_name} must be a finite number"):
+        parser.parse_args_and_config(["--config", str(yaml_file)])
+
+
+def test_what_the_docs_show_parses_from_the_command_line_and_yaml(tmp_path):
+    """``--margin_source None`` (the documented default) and ``margin_label_map`` as a YAML mapping."""
+    parser = TrlParser((RegularizedRewardConfig,))
+    (config,) = parser.parse_args_and_config(["--output_dir", "o", "--bf16", "False", "--margin_source", "None"])
+    assert config.margin_source is None
+    yaml_file = tmp_path / "rm.yaml"
+    yaml_file.write_text("output_dir: out\nbf16: false\nmargin_source: label\nmargin_label_map:\n  much better: 2\n  better: 1\n")
+    (config,) = parser.parse_args_and_config(["--config", str(yaml_file)])
+    assert config.margin_labels() == {"much better": 2.0, "better": 1.0}
+
+
+@pytest.mark.parametrize("label_map", ['{"better": NaN}', '{"better": Infinity}', '{"better": true}'])
+def test_label_map_refuses_non_finite_and_non_numeric_margins(label_map):
+    with pytest.raises(ValueError, match="margin_label_map=.*labels to finite numbers"):
+        RegularizedRewardConfig("o", **CPU, margin_label_map=label_map)
+
+
+def test_margin_scale_must_be_positive():
+    with pytest.raises(ValueError, match="margin_scale must be > 0, got -1.0"):
+        RegularizedRewardConfig("o", **CPU, margin_scale=-1.0)

@@ -296,3 +296,25 @@ def test_ptx_goes_through_a_peft_model(tiny_lm_path, tmp_path):
         expected_nll = nll_by_hand(AutoModelForCausalLM.from_pretrained(tiny_lm_path), batch).item()
     assert trainer.state.log_history[0]["ptx/nll"] == pytest.approx(expected_nll, rel=1e-5)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, rel=1e-5)
+
+
+def test_empty_texts_and_out_of_vocabulary_ids_are_refused_before_training():
+    with pytest.raises(ValueError, match="Every document of the pretraining dataset is empty \\(column 'text'\\)"):
+        PtxStream(["", "", ""], TOKENIZER, block_size=2, batch_size=1)
+    ids = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 3 + [[4, 999]]})
+    with pytest.raises(ValueError, match=r"row 3, column 'input_ids', holds the token id 999, outside the model's vocabulary \[0, 259\)"):
+        PtxStream(ids, TOKENIZER, block_size=2, batch_size=1, vocab_size=259)
+    streamed = PtxStream(ids.to_iterable_dataset(), TOKENIZER, block_size=2, batch_size=1, vocab_size=259)
+    with pytest.raises(ValueError, match="holds the token id 999"):  # an IterableDataset is checked as it streams
+        [streamed.next_batch() for _ in range(8)]
+
+
+def test_ppo_style_block_size_longer_than_the_model_is_refused_for_every_trainer(tiny_lm_path, tmp_path):
+    """The shared PtxRegularizer checks ptx_block_size for every trainer (PPO once accepted any length)."""
+    from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer
+
+    args = RegularizedGRPOConfig(str(tmp_path), bf16=False, report_to="none", per_device_train_batch_size=4, num_generations=4,
+                                 ptx_coef=0.1, ptx_block_size=4096)
+    with pytest.raises(ValueError, match="ptx_block_size=4096 exceeds the model's max_position_embeddings=512"):
+        RegularizedGRPOTrainer(tiny_lm_path, lambda completions, **k: [0.0] * len(completions), args,
+                               train_dataset=datasets.Dataset.from_dict({"prompt": ["a"] * 4}), pretrain_dataset=pretraining_texts())

@@ -13,7 +13,11 @@ from trl_regularizers.core.control import AdaptiveKLController
 
 
 class AdaptiveKLCallback(TrainerCallback):
-    """Adapts a trainer's KL coefficient ``beta`` toward a target KL once per optimizer step.
+    """Adapts a trainer's KL coefficient ``beta`` toward a target KL after each optimizer step that saw KL values.
+
+    With the KL in the loss every step does; with the KL in the reward only the steps that generate (and score) a
+    rollout do, so with ``steps_per_generation > 1`` beta changes once per generation: the later steps reuse the
+    rollout's already-penalized rewards, which a new beta could not change.
 
     Rule of [Ziegler et al. 2019](https://huggingface.co/papers/1909.08593) (``AdaptiveKLController``):
     ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) / horizon)``.

@@ -8,15 +8,27 @@ so ``TrlParser``/``HfArgumentParser`` expose it on the command line and in YAML.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig
 
-from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, kl_estimator_names
+from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, MAX_CLAMP, kl_estimator_names
 from trl_regularizers.core.margins import LLAMA2_MARGIN_LARGE, LLAMA2_MARGIN_SMALL, MARGIN_SOURCES
 
 NLL_NORMALIZATIONS: tuple[str, ...] = ("completion", "sequence")
 MARGIN_LABEL_MAPS: dict[str, dict[str, float]] = {"llama2_small": LLAMA2_MARGIN_SMALL, "llama2_large": LLAMA2_MARGIN_LARGE}
+
+
+def check_finite_numbers(config) -> None:
+    """Every float of every field of ``config`` (also inside lists, e.g. ``loss_weights``) is finite: a NaN or inf
+    coefficient trains on NaN weights while the Trainer logs the dropped loss as 0."""
+    for config_field in fields(config):
+        value = getattr(config, config_field.name, None)
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ValueError(f"{config_field.name} must be a finite number, got {value!r}.")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -89,21 +101,26 @@ class MarginArguments:
     margin_likert_points (`int`, *optional*, defaults to `7`):
         Number of points of the Likert scale.
     margin_scale (`float`, *optional*, defaults to `1.0`):
-        Multiplier applied to every derived margin.
+        Multiplier applied to every derived margin; > 0.
     """
 
-    margin_source: str | None = field(default=None, metadata={"help": "Margin source.", "choices": [None, *MARGIN_SOURCES]})
+    margin_source: str | None = field(default=None, metadata={"help": f"Margin source: None, {', '.join(MARGIN_SOURCES)}."})
     margin_column: str = field(default="margin", metadata={"help": "Numeric margin column (margin_source='column')."})
     margin_chosen_rating_field: str = field(default="chosen_rating", metadata={"help": "Rating column of the chosen completion."})
     margin_rejected_rating_field: str = field(default="rejected_rating", metadata={"help": "Rating column of the rejected completion."})
     margin_label_field: str = field(default="preference_strength", metadata={"help": "Preference-strength label column."})
-    margin_label_map: str = field(default="llama2_small", metadata={"help": "'llama2_small', 'llama2_large' or a JSON object label -> margin."})
+    margin_label_map: str = field(default="llama2_small", metadata={"help": "'llama2_small', 'llama2_large' or a JSON object label -> margin (a mapping in YAML)."})
     margin_likert_points: int = field(default=7, metadata={"help": "Points of the Likert scale (margin_source='likert')."})
     margin_scale: float = field(default=1.0, metadata={"help": "Multiplier applied to derived margins."})
 
     def _validate_margins(self) -> None:
+        if self.margin_source == "None":  # the command line spells the default as a string
+            self.margin_source = None
         _choice("margin_source", self.margin_source, (None, *MARGIN_SOURCES))
         _at_least("margin_likert_points", self.margin_likert_points, 2)
+        _positive("margin_scale", self.margin_scale)
+        if isinstance(self.margin_label_map, Mapping):  # a YAML mapping: keep it as the JSON text the field holds
+            self.margin_label_map = json.dumps(dict(self.margin_label_map))
         self.margin_labels()  # validates the map
 
     def margin_labels(self) -> dict[str, float]:
@@ -114,10 +131,13 @@ class MarginArguments:
             table = json.loads(self.margin_label_map)
         except json.JSONDecodeError:
             table = None
-        if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
+        numbers = isinstance(table, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in table.values()
+        )
+        if not numbers:
             raise ValueError(
                 f"margin_label_map={self.margin_label_map!r} is not valid. Allowed values: "
-                f"{', '.join(MARGIN_LABEL_MAPS)}, or a JSON object mapping labels to numbers."
+                f"{', '.join(MARGIN_LABEL_MAPS)}, or a JSON object (a mapping in YAML) of labels to finite numbers."
             )
         return {str(k): float(v) for k, v in table.items()}
 
@@ -140,10 +160,12 @@ class KLArguments:
     kl_direction (`str`, *optional*, defaults to `"reverse"`):
         `"reverse"` for KL(pi || pi_ref), `"forward"` for KL(pi_ref || pi) (importance-weighted).
     kl_clamp (`float` or `None`, *optional*, defaults to `20.0`):
-        Bound on |log pi - log pi_ref| applied before any exp, so k3 cannot overflow (trl #3015).
+        Bound on |log pi - log pi_ref|, in (0, 50], applied before any exp by moving the reference log-prob to
+        within `kl_clamp` of the policy's, so k3 cannot overflow (trl #3015) and clamped tokens keep a gradient.
         `None` disables it.
     kl_target (`float` or `None`, *optional*, defaults to `None`):
-        If set, beta is adapted each optimizer step toward this KL per sequence
+        If set, beta is adapted toward this KL per sequence after each optimizer step that saw new KL values (in
+        the loss: every step; in the reward: once per generation)
         ([Ziegler et al. 2019](https://huggingface.co/papers/1909.08593)); beta must then be > 0.
     kl_horizon (`float`, *optional*, defaults to `10000`):
         Horizon K of the adaptive controller (steps for a 20% error to move beta by 20%).
@@ -160,7 +182,8 @@ class KLArguments:
         _choice("kl_estimator", self.kl_estimator, kl_estimator_names())
         _choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
         _choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
-        _positive("kl_clamp", self.kl_clamp, allow_none=True)
+        if self.kl_clamp is not None and not 0 < self.kl_clamp <= MAX_CLAMP:
+            raise ValueError(f"kl_clamp must be in (0, {MAX_CLAMP}] or None, got {self.kl_clamp!r}.")
         _positive("kl_target", self.kl_target, allow_none=True)
         _positive("kl_horizon", self.kl_horizon)
         _at_least("beta", coef, 0.0)
@@ -191,6 +214,7 @@ class RegularizedDPOConfig(PtxArguments, MarginArguments, DPOConfig):
     nll_normalization: str = field(default="completion", metadata={"help": "NLL length normalizer.", "choices": list(NLL_NORMALIZATIONS)})
 
     def __post_init__(self):
+        check_finite_numbers(self)
         super().__post_init__()
         self.validate_regularizers()
 
@@ -213,6 +237,7 @@ class RegularizedRewardConfig(PtxArguments, MarginArguments, RewardConfig):
     """
 
     def __post_init__(self):
+        check_finite_numbers(self)
         super().__post_init__()
         self.validate_regularizers()
 
@@ -231,6 +256,7 @@ class RegularizedGRPOConfig(PtxArguments, KLArguments, GRPOConfig):
     """
 
     def __post_init__(self):
+        check_finite_numbers(self)
         super().__post_init__()
         self.validate_regularizers()
 
@@ -252,6 +278,7 @@ class RegularizedRLOOConfig(PtxArguments, KLArguments, RLOOConfig):
     kl_placement: str = field(default="reward", metadata={"help": "Where the KL penalty goes.", "choices": list(KL_PLACEMENTS)})
 
     def __post_init__(self):
+        check_finite_numbers(self)
         super().__post_init__()
         self.validate_regularizers()
 
@@ -284,5 +311,6 @@ def regularized_config(args, config_cls: type, model, trainer_name: str):
         if new_field.name not in upgraded.__dict__:
             default = new_field.default if new_field.default_factory is MISSING else new_field.default_factory()
             setattr(upgraded, new_field.name, default)
+    check_finite_numbers(upgraded)
     upgraded.validate_regularizers()
     return upgraded

@@ -85,3 +85,42 @@ def margin_bucket_namer(args: MarginArguments) -> Callable[[float], str]:
         return "|".join(labels) if labels else format(round(value, 2) + 0.0, "g")
 
     return name
+
+
+def check_dataset(dataset, formats: list[tuple[str, ...]], dataset_name: str, trainer_name: str) -> None:
+    """Refuse, before training, a dataset the trainer cannot use, with one error naming what is wrong.
+
+    ``formats``: the column sets the trainer accepts (e.g. text ``("chosen", "rejected")`` or tokenized
+    ``("chosen_ids", "rejected_ids")``); the dataset must hold one of them. Map-style datasets must not be
+    empty, and their text columns (those not ending in ``_ids``) must hold strings or chat messages (lists of
+    ``{"role", "content"}`` dicts) in every row.
+    """
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):  # TRL accepts a dict of eval datasets
+        for name, part in dataset.items():
+            check_dataset(part, formats, f"{dataset_name} ({name})", trainer_name)
+        return
+    sized = hasattr(dataset, "__len__")
+    if (len(dataset) == 0) if sized else next(iter(dataset), None) is None:
+        raise ValueError(f"The {dataset_name} dataset given to {trainer_name} is empty: it would train on nothing.")
+    available = column_names(dataset)
+    matching = [columns for columns in formats if all(name in available for name in columns)]
+    if not matching:
+        wanted = " or ".join("(" + ", ".join(map(repr, columns)) + ")" for columns in formats)
+        raise ValueError(f"{trainer_name} needs the columns {wanted} in the {dataset_name} dataset, which has the columns {available}.")
+    if not sized:
+        return  # an IterableDataset is checked by TRL as it streams
+    for column in (name for name in matching[0] if not name.endswith("_ids")):
+        for index, value in enumerate(dataset[column]):
+            if not _is_text(value):
+                raise ValueError(
+                    f"{dataset_name} dataset, row {index}, column {column!r}: {trainer_name} needs text (a string or a "
+                    f"list of chat messages), got {type(value).__name__} {value!r:.80}."
+                )
+
+
+def _is_text(value) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(isinstance(message, dict) and "content" in message for message in value)

@@ -18,11 +18,31 @@ INPUT_IDS = "input_ids"
 
 def tokenize_documents(values: list, column: str, tokenizer, eos_token_id: int | None) -> dict[str, list]:
     """Token ids of a batch of documents (raw text, or ids when ``column`` is ``input_ids``), each followed
-    by EOS unless it already ends with it, and their lengths."""
+    by EOS unless it already ends with it; their lengths, their tokens before that EOS (``content``) and their
+    smallest and largest ids."""
     ids = [list(v) for v in values] if column == INPUT_IDS else tokenizer(list(values))[INPUT_IDS]
+    content = [len(v) for v in ids]
     if eos_token_id is not None:
         ids = [v + [eos_token_id] if not v or v[-1] != eos_token_id else v for v in ids]
-    return {INPUT_IDS: ids, "length": [len(v) for v in ids]}
+    return {
+        INPUT_IDS: ids,
+        "length": [len(v) for v in ids],
+        "content": content,
+        "min_id": [min(v, default=0) for v in ids],
+        "max_id": [max(v, default=0) for v in ids],
+    }
+
+
+def check_token_ids(min_ids, max_ids, vocab_size: int | None, where: str) -> None:
+    """Token ids must index the model's embeddings: an id outside [0, vocab_size) is an IndexError inside torch
+    (a device assert on CUDA) at train time. ``min_ids``/``max_ids``: per document."""
+    if vocab_size is None:
+        return
+    bad = np.flatnonzero((np.asarray(min_ids) < 0) | (np.asarray(max_ids) >= vocab_size))
+    if bad.size:
+        row = int(bad[0])
+        value = min_ids[row] if min_ids[row] < 0 else max_ids[row]
+        raise ValueError(f"{where.format(row=row)} holds the token id {value}, outside the model's vocabulary [0, {vocab_size}).")
 
 
 class PtxStream:
@@ -62,6 +82,8 @@ class PtxStream:
         process_index, num_processes: this process and the number of processes sharing the stream.
         seed: base seed of the per-epoch shuffles.
         shuffle_buffer_size: shuffle buffer of an ``IterableDataset``.
+        vocab_size: if given, every token id must be in ``[0, vocab_size)`` (checked before training for a
+            ``datasets.Dataset`` or a list, as blocks are read for an ``IterableDataset``).
 
     Example:
         >>> stream = PtxStream(["some text", "more text"], tokenizer, block_size=4, batch_size=2)
@@ -80,6 +102,7 @@ class PtxStream:
         num_processes: int = 1,
         seed: int = 0,
         shuffle_buffer_size: int = 1000,
+        vocab_size: int | None = None,
     ):
         import datasets
 
@@ -97,6 +120,7 @@ class PtxStream:
         self.num_processes = num_processes
         self.seed = seed
         self.shuffle_buffer_size = shuffle_buffer_size
+        self.vocab_size = vocab_size
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         self._epoch = 0
         self._block = 0
@@ -131,6 +155,13 @@ class PtxStream:
                 desc="Tokenizing and packing the ptx dataset",
             )
             self._lengths = np.asarray(self._documents["length"], dtype=np.int64)
+            if not any(self._documents["content"]):
+                raise ValueError(
+                    f"Every document of the pretraining dataset is empty (column {self._column!r}): the ptx NLL would "
+                    "train on end-of-sequence tokens only."
+                )
+            where = f"The pretraining dataset, row {{row}}, column {self._column!r},"
+            check_token_ids(self._documents["min_id"], self._documents["max_id"], vocab_size, where)
             self.blocks_per_epoch = int(self._lengths.sum()) // block_size
             if self.blocks_per_epoch < self.global_batch_blocks:
                 raise ValueError(
@@ -185,6 +216,7 @@ class PtxStream:
         skip, buffer = first_block * self.block_size, []
         for rows in dataset.iter(batch_size=64):
             documents = tokenize_documents(rows[self._column], self._column, self.tokenizer, self.eos_token_id)
+            check_token_ids(documents["min_id"], documents["max_id"], self.vocab_size, f"The pretraining dataset, column {self._column!r},")
             for ids in documents[INPUT_IDS]:
                 if skip:
                     dropped = min(skip, len(ids))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig
 
 from trl_regularizers.configs import RegularizedGRPOConfig
@@ -359,3 +359,21 @@ def test_ptx_adds_coef_times_logged_nll(tiny_lm_path, tmp_path):
     (with_ptx,) = train_logs(RegularizedGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts(), pretrain_dataset=corpus))
     assert with_ptx["ptx/nll"] > 1.0
     assert with_ptx["loss"] == pytest.approx(without[0]["loss"] + 0.5 * with_ptx["ptx/nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("placement, factors", [("loss", [1, 2, 3, 4]), ("reward", [1, 1, 2, 2])])
+def test_adaptive_beta_cadence_with_several_steps_per_generation(tiny_lm_path, tmp_path, placement, factors):
+    """In the loss, beta adapts after every optimizer step; in the reward, once per generation: the penalty is
+    fixed into a rollout's rewards when it is scored, so steps that reuse the rollout have nothing new to adapt to."""
+    betas = []
+
+    class RecordBeta(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            betas.append(trainer.beta)
+
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="k1" if placement == "reward" else "k3",
+                       kl_placement=placement, kl_target=1e-6, kl_horizon=10.0, max_steps=4, steps_per_generation=2)
+    trainer = RegularizedGRPOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
+    trainer.add_callback(RecordBeta())  # after the trainer's AdaptiveKLCallback: sees the step's update
+    trainer.train()
+    assert betas == [pytest.approx(BETA * 1.02**n, rel=1e-12) for n in factors]

@@ -152,20 +152,26 @@ it carries no gradient for the current token."""
 _register(FULL_VOCAB)
 
 
+MAX_CLAMP = 50.0
+"""Largest ``kl_clamp``: ``exp(50)`` keeps k3 and the forward direction finite in float32 (``exp(89)`` overflows)."""
+
+
 def bound_reference(logps: torch.Tensor, ref_logps: torch.Tensor, clamp: float | None) -> torch.Tensor:
     """Reference log-probs moved to within ``clamp`` of the (detached) policy's, so ``|r| <= clamp`` (``kl_clamp``).
 
     Bounding the reference rather than clamping ``r`` keeps every value exact where the bound is inactive and
     the gradient through ``log pi`` finite and nonzero where it is active (the estimator's slope at
     ``|r| = clamp``): a clamp of ``r`` itself would zero those tokens' gradients. Bounding happens before any
-    exp, so k3 cannot overflow (trl #3015, OpenRLHF #525). Shapes: ``[...]`` -> ``[...]``, detached.
+    exp, so k3 cannot overflow (trl #3015, OpenRLHF #525). Shapes: ``[...]`` -> ``[...]``, detached, in at least
+    float32.
     """
     if clamp is None:
         return ref_logps.detach()
-    if not clamp > 0:
-        raise ValueError(f"clamp must be positive or None, got {clamp}")
-    anchor = logps.detach()
-    return torch.clamp(ref_logps.detach(), anchor - clamp, anchor + clamp)
+    if not 0 < clamp <= MAX_CLAMP:
+        raise ValueError(f"clamp must be in (0, {MAX_CLAMP}] or None, got {clamp}")
+    dtype = torch.promote_types(logps.dtype, torch.float32)  # logps +- clamp would round in half precision
+    anchor = logps.detach().to(dtype)
+    return torch.clamp(ref_logps.detach().to(dtype), anchor - clamp, anchor + clamp)
 
 
 def per_token_kl(
@@ -201,11 +207,13 @@ def per_token_kl(
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` over positions where ``mask`` is nonzero (all dims, or one ``dim``); 0 where none is."""
+    """Mean of ``values`` over positions where ``mask`` is nonzero (all dims, or one ``dim``); 0 where none is.
+    Masked-out positions count for nothing, even when they hold inf or NaN."""
     mask = mask.to(values.dtype)
+    masked = torch.where(mask != 0, values * mask, torch.zeros((), dtype=values.dtype, device=values.device))
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    return masked.sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
 def unbiased_pairs(direction: str) -> frozenset[tuple[str, str]]:

@@ -33,7 +33,7 @@ def estimate_kl(record: KLRecord, estimator: str, direction: str, clamp: float |
     if not kl_estimator_info(estimator).needs_logits:
         estimate = per_token_kl(record.logps, record.ref_logps, estimator, direction, clamp)
     elif record.logits is not None:
-        estimate = full_vocab_kl(record.logits, record.ref_logits, direction=direction)
+        estimate = full_vocab_kl(record.logits, record.ref_logits, mask=record.mask, direction=direction)
     else:
         policy, ref = record.policy_states, record.ref_states
         estimate = full_vocab_kl_from_hidden(
@@ -41,6 +41,7 @@ def estimate_kl(record: KLRecord, estimator: str, direction: str, clamp: float |
             (ref.hidden.detach() / ref.temperature).to(ref.weight.dtype),
             policy.weight,
             ref.weight,
+            mask=record.mask,
             direction=direction,
         )
     return check_finite(f"KL ({estimator})", estimate * record.mask)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from trl_regularizers.configs import KLArguments, PtxArguments, _at_least, _choice, regularized_config
+from trl_regularizers.configs import KLArguments, PtxArguments, _at_least, _choice, check_finite_numbers, regularized_config
 from trl_regularizers.core.control import make_kl_controller
 from trl_regularizers.core.kl import kl_estimator_info, kl_estimator_names
 from trl_regularizers.core.ppo import clipped_policy_loss, clipped_value_loss, gae, masked_whiten, shape_rewards
@@ -60,6 +60,7 @@ class RegularizedPPOConfig(PtxArguments, KLArguments, PPOConfig):
     kl_placement: str = field(default="reward", metadata={"help": "Where the KL penalty goes (PPO: reward only).", "choices": ["reward"]})
 
     def __post_init__(self):
+        check_finite_numbers(self)
         super().__post_init__()
         self.validate_regularizers()
 

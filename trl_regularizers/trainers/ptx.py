@@ -55,6 +55,7 @@ class PtxRegularizer:
                 process_index=self.accelerator.process_index,
                 num_processes=self.accelerator.num_processes,
                 seed=self.args.seed,
+                vocab_size=language_model.get_input_embeddings().num_embeddings,
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -2,12 +2,14 @@
 
 ``TrainerAdapter``: the gradient-accumulation rule for added loss terms, metric logging, checkpointed regularizer
 state. ``OnlineAdapter`` (GRPO, RLOO): records the per-token log-prob calls both trainers make through
-``_get_per_token_logps_and_entropies`` (same signature and return tuple in every supported TRL), with the final
-hidden states when an estimator needs the whole distribution.
+``_get_per_token_logps_and_entropies`` (called with ``model, input_ids, attention_mask, logits_to_keep`` as its
+first positional arguments and returning ``(logps, entropies, aux)`` in every supported TRL; 1.14 declares them
+as ``*args``), with the final hidden states when an estimator needs the whole distribution.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -17,6 +19,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from trl_regularizers.data import check_dataset
 from trl_regularizers.trainers.records import HiddenStates, KLRecord
 from trl_regularizers.trainers.state import RegularizerState
 
@@ -35,8 +38,15 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 class TrainerAdapter:
     """Mixed in before a TRL trainer class; owns ``regularizer_state`` and the shared insertion helpers."""
 
+    dataset_formats: list[tuple[str, ...]] | None = None
+    """Column sets the TRL trainer accepts (one must be present); None: no check."""
+
     def __init__(self, *args, **kwargs):
         self.regularizer_state = RegularizerState()
+        if self.dataset_formats is not None:  # TRL reads the data in its __init__ (a missing column is a KeyError)
+            given = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
+            for name in ("train", "eval"):
+                check_dataset(given.get(f"{name}_dataset"), self.dataset_formats, name, type(self).__name__)
         super().__init__(*args, **kwargs)
 
     @property
@@ -142,6 +152,7 @@ class KLPlan:
 
 
 class OnlineAdapter(TrainerAdapter):
+    dataset_formats = [("prompt",)]
     """GRPO/RLOO: records log-prob calls. Insertion points (stock defaults here; ``KLRegularizer`` overrides them):
     ``kl_plan()``, ``bound_reference(logps, ref_logps)``, ``kl_penalty(record, logged_by_trl) -> [B, T]``."""
 

@@ -28,7 +28,7 @@ def completion_token_logps(output, input_ids: torch.Tensor, completion_mask: tor
     log_probs = getattr(output, "log_probs", None)
     if log_probs is None:
         log_probs = selective_log_softmax(output.logits[:, :-1], input_ids[:, 1:])
-    return log_probs[:, -shift_mask.size(1) :] * shift_mask.to(log_probs.dtype)
+    return torch.where(shift_mask.bool(), log_probs[:, -shift_mask.size(1) :], 0.0)
 
 
 class _PairColumnsCollator:
@@ -45,6 +45,7 @@ class _PairColumnsCollator:
 
 
 class DPOAdapter(TrainerAdapter, DPOTrainer):
+    dataset_formats = [("chosen", "rejected")]  # text pairs; TRL extracts a missing prompt from them (L1050-1054)
     _recorded: list | None = None
 
     def pair_columns(self) -> list[str]:

@@ -21,7 +21,7 @@ KL_REWARD_NAME = "kl_penalty"
 
 def grpo_aggregations(trainer) -> dict:
     """``loss_type`` -> the reduction of a [B, T] per-token term, GA-scaled, as ``_compute_loss`` reduces its
-    per-token loss (L3153-3186). GRPO has no function for it, so each TRL release's rules are listed here;
+    per-token loss (L3153-3184). GRPO has no function for it, so each TRL release's rules are listed here;
     ``tests/test_trl_contract.py`` fails when a release adds a ``loss_type`` missing from this table."""
     accumulation = lambda: trainer.current_gradient_accumulation_steps if trainer.model.training else 1.0  # noqa: E731
 
@@ -63,7 +63,7 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
                     f"{self.multi_objective_aggregation!r} the KL column would be normalized on its own, which "
                     "removes its scale (beta would no longer mean anything)."
                 )
-            # TRL calls each reward function inside _calculate_rewards (L2753) and weighs the columns (L2763).
+            # _calculate_rewards (called at L2753) runs each reward function (L1626); L2763 weighs the columns.
             self.reward_funcs.append(self._kl_reward_column)
             self.reward_func_names.append(KL_REWARD_NAME)
             self.reward_processing_classes.append(None)
@@ -90,7 +90,7 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
 
     def _calculate_rewards(self, *args, **kwargs):
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)
-        if KL_REWARD_NAME in self.reward_func_names:  # keep completions no task reward could score unscorable (L2758)
+        if KL_REWARD_NAME in self.reward_func_names:  # keep completions no task reward could score unscorable (L2759)
             unscorable = torch.isnan(rewards_per_func[:, :-1]).all(dim=1)
             rewards_per_func[unscorable, -1] = torch.nan
         return rewards_per_func
@@ -126,12 +126,12 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
         estimate = self.kl_penalty(record, logged_by_trl=plan.native)
         if plan.native:
             return loss
-        if self.args.use_bias_correction_kl:  # TRL multiplies its KL by the importance ratio (L3103-3104)
+        if self.args.use_bias_correction_kl:  # TRL multiplies its KL by the importance ratio (L3104-3105)
             estimate = estimate * self._importance_ratio(policy.logps, inputs, mask)
         return loss + beta * grpo_aggregations(self)[self.loss_type](estimate * mask, mask, inputs)
 
     def _importance_ratio(self, logps, inputs, mask):
-        """pi / pi_old per token (or per sequence), as TRL computes ``coef_1`` (L3065-3083)."""
+        """pi / pi_old per token (or per sequence), as TRL computes ``coef_1`` (L3065-3095)."""
         old = inputs.get("old_per_token_logps")
         log_ratio = logps - (logps.detach() if old is None else old)
         if self.importance_sampling_level == "sequence":

@@ -46,7 +46,7 @@ class PPOAdapter(TrainerAdapter, PPOTrainer):
     """TRL 1.12's PPO pieces as methods; ``_metrics`` so the shared metric helpers work (PPO 1.12 has none)."""
 
     def __init__(self, args, *rest, **kwargs):
-        # The parent accepts only kl_estimator in {k1, k3} (L216); the regularized loop reads the real one.
+        # The parent accepts only kl_estimator in {k1, k3} (L404-409); the regularized loop reads the real one.
         estimator, args.kl_estimator = args.kl_estimator, "k1"
         try:
             super().__init__(args, *rest, **kwargs)
@@ -96,7 +96,7 @@ class PPOAdapter(TrainerAdapter, PPOTrainer):
         return responses, first_true_indices(responses == pad) - 1
 
     def policy_forward(self, query_responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy logits and values [B, T'] of the wrapped model, through the accelerate wrapper (L823)."""
+        """Policy logits and values [B, T'] of the wrapped model, through the accelerate wrapper (L820)."""
         output, values = forward(self.model, query_responses, self.processing_class.pad_token_id)
         return output.logits, values
 
@@ -105,7 +105,7 @@ class PPOAdapter(TrainerAdapter, PPOTrainer):
         return selective_log_softmax(logits, tokens)
 
     def begin_training(self) -> None:
-        """Trainer state and callbacks as the parent's ``train()`` sets them up (L620-667)."""
+        """Trainer state and callbacks as the parent's ``train()`` sets them up (L642-667)."""
         args, state = self.args, self.state
         state.global_step, state.episode = 0, 0
         state.max_steps = args.num_total_batches

@@ -16,6 +16,8 @@ from trl_regularizers.trainers.adapters.base import TrainerAdapter
 
 
 class RewardAdapter(TrainerAdapter, RewardTrainer):
+    # text pairs, or tokenized ones (``*_input_ids`` is TRL's legacy name, L657-669)
+    dataset_formats = [("chosen", "rejected"), ("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids")]
     def prepare_pairs(self, dataset, args, dataset_name: str):
         """Runs inside TRL's ``__init__``, before ``self.args`` is set: read ``args``."""
         return dataset

@@ -1,7 +1,7 @@
 """Adapter of ``trl.RLOOTrainer`` (docs/trl_internals.md §5). Line numbers are TRL 1.16's ``rloo_trainer.py``.
 
 RLOO scores each rollout with the policy (L1600), then the reference (L1615 or L1631), and subtracts
-``beta * sum_t (old_t - ref_t)`` from the reward before the leave-one-out baseline (L1664-1671). It has no other
+``beta * sum_t (old_t - ref_t)`` from the reward before the leave-one-out baseline (L1664-1673). It has no other
 insertion point for a reward penalty, so the adapter hands TRL a reference ``ref'`` with ``old - ref'`` equal to
 the wanted per-token penalty; TRL's own gather, baseline, clipping order and ``kl`` metric stay untouched:
 * ``placement="reward"``: ``ref' = old - kl_penalty`` (native k1: the reference bounded by ``bound_reference``);
