@@ -267,3 +267,12 @@ def test_non_finite_nll_is_caught_and_named(tiny_lm_path, tmp_path):
         trainer.model.get_input_embeddings().weight[:, 0] = float("nan")  # stock DPO would log a NaN loss and go on
     with pytest.raises(FloatingPointError, match="nll/chosen term is not finite"):
         trainer.train()
+
+
+@pytest.mark.skipif(not hasattr(DPOTrainer, "_compute_loss_liger"), reason="only TRL <= 1.14 reroutes DPO's loss to Liger (TRL 1.12 run)")
+def test_liger_loss_that_would_bypass_the_regularizers_is_refused(tiny_lm_path, tmp_path, monkeypatch):
+    # liger-kernel needs Triton (not on a CPU machine): stand in for it, TRL then builds its Liger loss
+    monkeypatch.setattr("trl.trainer.dpo_trainer.is_liger_kernel_available", lambda: True)
+    monkeypatch.setattr("trl.trainer.dpo_trainer.LigerFusedLinearDPOLoss", lambda **kwargs: None, raising=False)
+    with pytest.raises(ValueError, match="use_liger_kernel=True replaces DPO's loss with Liger's"):
+        RegularizedDPOTrainer(tiny_lm_path, args=config(tmp_path, nll_alpha=0.1, use_liger_kernel=True), train_dataset=preference_dataset())

@@ -377,3 +377,13 @@ def test_adaptive_beta_cadence_with_several_steps_per_generation(tiny_lm_path, t
     trainer.add_callback(RecordBeta())  # after the trainer's AdaptiveKLCallback: sees the step's update
     trainer.train()
     assert betas == [pytest.approx(BETA * 1.02**n, rel=1e-12) for n in factors]
+
+
+@pytest.mark.skipif(not hasattr(GRPOTrainer, "compute_liger_loss"), reason="only TRL <= 1.14 reroutes GRPO's loss to Liger (TRL 1.12 run)")
+def test_liger_loss_that_would_ignore_the_kl_options_is_refused(tiny_lm_path, tmp_path, monkeypatch):
+    # liger-kernel needs Triton (not on a CPU machine): stand in for it, TRL then builds its Liger loss
+    monkeypatch.setattr("trl.trainer.grpo_trainer.is_liger_kernel_available", lambda: True)
+    monkeypatch.setattr("trl.trainer.grpo_trainer.LigerFusedLinearGRPOLoss", lambda **kwargs: None, raising=False)
+    args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="k2", use_liger_kernel=True)
+    with pytest.raises(ValueError, match="use_liger_kernel=True replaces GRPO's loss with Liger's"):
+        RegularizedGRPOTrainer(tiny_lm_path, reward_distinct, args, prompts())

@@ -14,6 +14,7 @@ Insertion points (stock defaults here; the regularized trainer overrides them):
 from __future__ import annotations
 
 import torch
+import trl
 from trl import DPOTrainer
 from trl.trainer.utils import selective_log_softmax
 
@@ -63,6 +64,12 @@ class DPOAdapter(TrainerAdapter, DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.record_needs() is not None and self.args.use_liger_kernel and hasattr(DPOTrainer, "_compute_loss_liger"):
+            # TRL <= 1.14 routes compute_loss to _compute_loss_liger (L1757-1768 in 1.12), whose forwards the hooks miss
+            raise ValueError(
+                f"use_liger_kernel=True replaces DPO's loss with Liger's in TRL {trl.__version__}, which leaves no "
+                "log-probs to regularize: set use_liger_kernel=False, or upgrade TRL (1.16 applies Liger to layers only)."
+            )
         if self.record_needs() is not None:
             for module in (self.model, self.ref_model):
                 if module is not None:

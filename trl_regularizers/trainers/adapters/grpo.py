@@ -11,6 +11,7 @@ Insertion points used by ``KLRegularizer``:
 from __future__ import annotations
 
 import torch
+import trl
 from trl import GRPOTrainer
 
 from trl_regularizers.trainers.adapters.base import REF_HIDDEN_KEY, LogpCall, OnlineAdapter
@@ -50,6 +51,13 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         plan = self.kl_plan()
+        changes_kl = not plan.native or getattr(self.args, "kl_target", None) is not None
+        if self.beta != 0.0 and changes_kl and self.use_liger_kernel and hasattr(GRPOTrainer, "compute_liger_loss"):
+            # TRL <= 1.14 routes compute_loss to compute_liger_loss (L3030 in 1.12), which computes its own KL
+            raise ValueError(
+                f"use_liger_kernel=True replaces GRPO's loss with Liger's in TRL {trl.__version__}, which computes its own "
+                "KL: the KL options would be ignored. Set use_liger_kernel=False, or upgrade TRL."
+            )
         if self.beta != 0.0 and not plan.native and plan.placement == "loss" and self.loss_type not in grpo_aggregations(self):
             raise ValueError(
                 f"loss_type={self.loss_type!r} is new to this adapter: it does not know how TRL {GRPOTrainer.__module__} "
