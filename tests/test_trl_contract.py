@@ -170,3 +170,23 @@ def test_preference_record_has_the_documented_shapes(tiny_lm_path, tmp_path):
     assert record.ref_chosen_logps.shape == record.ref_rejected_logps.shape == record.chosen_lengths.shape == (batch,)
     torch.testing.assert_close(record.columns["margin"], torch.tensor([0.5, 1.0]))
     assert (record.chosen_lengths > record.chosen_mask.sum(-1)).all()  # prompt + completion
+
+
+OVERRIDES = {
+    "DPOTrainer": {"_prepare_dataset", "_save_checkpoint", "_set_signature_columns_if_needed", "compute_loss", "compute_ref_log_probs", "train"},
+    "RewardTrainer": {"_prepare_dataset", "_save_checkpoint", "compute_loss", "log", "train"},
+    "GRPOTrainer": {"_calculate_rewards", "_compute_loss", "_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_save_checkpoint", "compute_loss", "train"},
+    "RLOOTrainer": {"_compute_loss", "_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_save_checkpoint", "compute_loss", "train"},
+}
+
+
+@pytest.mark.parametrize("stock_name", sorted(OVERRIDES))
+def test_regularized_trainers_override_only_the_intended_trl_names(stock_name):
+    """A name the package defines that TRL also defines overrides TRL's: a new TRL attribute that collides with
+    one of ours (``mode``, ``log_metric``, ...) would silently change TRL's behaviour, so the set is pinned."""
+    import trl_regularizers
+
+    stock = getattr(trl, stock_name)
+    ours = getattr(trl_regularizers, f"Regularized{stock_name}")
+    own = {name for cls in ours.__mro__ if cls.__module__.startswith("trl_regularizers") for name in vars(cls)}
+    assert {name for name in own if hasattr(stock, name) and not name.startswith("__")} == OVERRIDES[stock_name]
