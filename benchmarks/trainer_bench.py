@@ -4,6 +4,8 @@
     python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
     python benchmarks/trainer_bench.py --profile cpu --specs grpo,grpo_k2,grpo_full
     python benchmarks/trainer_bench.py --profile cpu --specs dpo_ptx   # + the ptx batch's forward+backward alone
+    .venv-trl112/bin/python benchmarks/trainer_bench.py --ppo stock --json stock.json   # PPO: one side per TRL
+    .venv/bin/python benchmarks/trainer_bench.py --ppo ours --json ours.json             # (stock needs TRL 1.12)
 
 Each spec is a pair (stock, ours) of (trainer class, config class, extra config fields). Both start from the
 same saved model and data; they run in alternating order for ``--rounds`` rounds (stock first, then ours
@@ -220,8 +222,71 @@ def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dic
     return result
 
 
+PPO_SPEC = dict(
+    # The tiny CPU model; one PPO update = 8 rollouts (per device 4 x GA 2) of up to 24 new tokens, 2 PPO epochs.
+    per_device_train_batch_size=4, gradient_accumulation_steps=2, num_ppo_epochs=2, response_length=24,
+    local_rollout_forward_batch_size=8, num_sample_generations=0, learning_rate=1e-4, temperature=1.0,
+    bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, logging_steps=1,
+)
+"""The ``ppo`` spec: stock TRL 1.12 ``PPOTrainer`` vs ``RegularizedPPOTrainer`` (own implementation on TRL >= 1.13)
+cannot share a process (no TRL has both), so ``--ppo stock|ours`` times one side; the same sizes, models, data and
+seed on both."""
+
+
+class UpdateTimer(TrainerCallback):
+    """Seconds per PPO update (rollout + scoring + PPO epochs): between consecutive ``on_step_end`` calls."""
+
+    def __init__(self):
+        self.times, self.last = [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+
+def bench_ppo(side: str, updates: int, rounds: int, warmup: int) -> dict:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+    from trl_regularizers.testing import make_tiny_reward_model
+
+    if side == "stock":
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    else:
+        from trl_regularizers import RegularizedPPOConfig as PPOConfig
+        from trl_regularizers import RegularizedPPOTrainer as PPOTrainer
+    times = []
+    with tempfile.TemporaryDirectory() as folder:
+        lm_path, rm_path = make_tiny_causal_lm(f"{folder}/lm"), make_tiny_reward_model(f"{folder}/rm")
+        tokenizer = AutoTokenizer.from_pretrained(lm_path, padding_side="left")
+        batch = PPO_SPEC["per_device_train_batch_size"] * PPO_SPEC["gradient_accumulation_steps"]
+        prompts = Dataset.from_dict({"input_ids": [tokenizer(f"prompt {i}: " + "ab" * (i % 5))["input_ids"] for i in range(batch * (updates + 1))]})
+        for round_index in range(rounds):
+            set_seed(round_index)
+            timer = UpdateTimer()
+            args = PPOConfig(output_dir=f"{folder}/run{round_index}", total_episodes=batch * updates, seed=round_index, **PPO_SPEC)
+            trainer = PPOTrainer(args=args, processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(lm_path), ref_model=AutoModelForCausalLM.from_pretrained(lm_path),
+                                 reward_model=AutoModelForSequenceClassification.from_pretrained(rm_path), train_dataset=prompts,
+                                 value_model=AutoModelForSequenceClassification.from_pretrained(rm_path), callbacks=[timer])
+            trainer.train()
+            times.append(timer.times[warmup:])
+            last_log = {k: v for k, v in trainer.state.log_history[-1].items() if k != "eps"}  # same work: same metrics on both sides
+            del trainer
+            gc.collect()
+    medians = [statistics.median(t) for t in times]
+    return {"side": side, "trainer": f"{PPOTrainer.__module__}.{PPOTrainer.__name__}", "updates": updates, "rounds": rounds, "warmup": warmup,
+            "spec": PPO_SPEC, "round_median_s": medians, "median_s": statistics.median([x for t in times for x in t]), "last_log": last_log}
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--ppo", choices=["stock", "ours"], default=None, help="time one side of the PPO spec instead of --specs")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from: {', '.join(SPECS)}")
     parser.add_argument("--rounds", type=int, default=2)
@@ -236,6 +301,15 @@ def main():
     if args.steps:
         profile["steps"] = args.steps
     import trl
+
+    if args.ppo:
+        report = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+                  "trl": trl.__version__, "threads": torch.get_num_threads(), **bench_ppo(args.ppo, args.steps or 10, args.rounds, args.warmup)}
+        print(json.dumps(report, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "profile": args.profile, **profile, "rounds": args.rounds, "warmup": args.warmup,

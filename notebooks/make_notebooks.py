@@ -83,8 +83,8 @@ trainer.train()''',
     ),
     "ppo_ptx": dict(
         title="PPO-ptx (eq. 6, InstructGPT): mix the pretraining NLL into PPO",
-        intro="PPO lives in TRL 1.12 (`trl.experimental.ppo`, removed in 1.13), hence the `[ppo]` extra. `ptx_coef` and `pretrain_dataset=` are the only additions.",
-        extra="ppo",
+        intro="TRL removed `PPOTrainer` in 1.13; `RegularizedPPOTrainer` keeps its constructor and config fields on every TRL release (the current one included), so a TRL 1.12 PPO script changes its import line only. `ptx_coef` and `pretrain_dataset=` are the only additions.",
+        extra="pip_extra",
         cells=[
             '''from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from datasets import Dataset

@@ -1,4 +1,4 @@
-"""PPO with KL options, adaptive KL and PPO-ptx (eq. 6) with RegularizedPPOTrainer. Needs TRL 1.12: the [ppo] extra.
+"""PPO with KL options, adaptive KL and PPO-ptx (eq. 6) with RegularizedPPOTrainer, on any supported TRL (no [ppo] pin).
 
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/ppo.py --config recipes/configs/ppo_ptx.yaml
 """

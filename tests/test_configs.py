@@ -9,7 +9,6 @@ import typing
 import pytest
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, TrlParser
 
-from tests.trl_versions import HAS_PPO
 from trl_regularizers.configs import (
     KLArguments,
     MarginArguments,
@@ -18,6 +17,7 @@ from trl_regularizers.configs import (
     RegularizedGRPOConfig,
     RegularizedRewardConfig,
     RegularizedRLOOConfig,
+    RewardAwareArguments,
 )
 
 PAIRS = [
@@ -46,7 +46,7 @@ def test_parent_fields_keep_their_order_and_defaults(ours, parent, tmp_path):
 
 @pytest.mark.parametrize("ours, parent", PAIRS)
 def test_every_new_field_is_documented(ours, parent):
-    docs = "".join(cls.__doc__ or "" for cls in ours.__mro__ if cls in (ours, KLArguments, PtxArguments, MarginArguments))
+    docs = "".join(cls.__doc__ or "" for cls in ours.__mro__ if cls in (ours, KLArguments, PtxArguments, MarginArguments, RewardAwareArguments))
     for f in new_fields(ours, parent):
         assert f.metadata.get("help"), f"{ours.__name__}.{f.name} has no help text"
         assert f"{f.name} (`" in docs, f"{ours.__name__}.{f.name} is missing from the docstrings"
@@ -68,6 +68,14 @@ def test_every_new_field_is_documented(ours, parent):
         (RegularizedRewardConfig, dict(margin_source="vibes"), "margin_source='vibes'.*column, rating, likert, label"),
         (RegularizedRewardConfig, dict(margin_label_map="llama3"), "margin_label_map='llama3'.*llama2_small, llama2_large"),
         (RegularizedRewardConfig, dict(margin_likert_points=1), "margin_likert_points must be >= 2"),
+        (RegularizedDPOConfig, dict(reward_aware_loss="rpo"), "reward_aware_loss='rpo'.*rpo_sq, rpo_bwd_kl, rpo_fwd_kl, rebel, weighted_dpo"),
+        (RegularizedDPOConfig, dict(reward_weighting="rank"), "reward_weighting='rank'.*abs_normalized, abs, sigmoid"),
+        (RegularizedDPOConfig, dict(reward_eta=-0.5), "reward_eta must be >= 0.0"),
+        (RegularizedDPOConfig, dict(reward_aware_loss="rebel", reward_eta=0.0), "reward_eta must be > 0, got 0.0"),
+        (RegularizedDPOConfig, dict(reward_eta=1e20), "reward_eta must be <= 1e"),
+        (RegularizedDPOConfig, dict(reward_model_batch_size=0), "reward_model_batch_size must be > 0"),
+        (RegularizedDPOConfig, dict(reward_model_max_length=0), "reward_model_max_length must be >= 1"),
+        (RegularizedDPOConfig, dict(reward_rejected_score_field="chosen_score"), "two different column names"),
     ],
 )
 def test_bad_values_raise_errors_naming_the_field(config, kwargs, message, tmp_path):
@@ -99,12 +107,9 @@ def float_fields(config_cls) -> list[str]:
 
 
 def all_configs() -> list[type]:
-    configs = [ours for ours, _ in PAIRS]
-    if HAS_PPO:  # RegularizedPPOConfig exists on TRL 1.12 only (the [ppo] extra)
-        from trl_regularizers.trainers.ppo import RegularizedPPOConfig
+    from trl_regularizers.trainers.ppo import RegularizedPPOConfig  # on every TRL
 
-        configs.append(RegularizedPPOConfig)
-    return configs
+    return [*(ours for ours, _ in PAIRS), RegularizedPPOConfig]
 
 
 NON_FINITE_CASES = [

@@ -10,7 +10,6 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.trl_versions import HAS_PPO
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -40,8 +39,6 @@ def test_notebooks_are_generated_and_current():
 def test_notebook_executes(path, tmp_path):
     from nbclient import NotebookClient
 
-    if path.stem == "ppo_ptx" and not HAS_PPO:
-        pytest.skip("PPO needs TRL < 1.13 (the [ppo] extra); executed by the TRL 1.12 run.")
     notebook = nbformat.read(path, as_version=4)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

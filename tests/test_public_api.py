@@ -1,5 +1,5 @@
 """The public names: `import *` works on every TRL and each name resolves to what the README documents
-(the PPO ImportError on TRL >= 1.13 is tested in tests/trainers/test_ppo.py)."""
+(the PPO names too: on TRL 1.12 subclasses of trl.experimental.ppo, on newer TRL the package's own PPO)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,27 @@ def test_star_import_gives_every_listed_name():
     namespace: dict = {}
     exec("from trl_regularizers import *", namespace)
     assert set(trl_regularizers.__all__) <= set(namespace)
-    assert ("RegularizedPPOTrainer" in namespace) == TRL_HAS_PPO
+    assert {"RegularizedPPOTrainer", "RegularizedPPOConfig"} <= set(namespace)
+
+
+def test_ppo_names_exist_on_every_trl():
+    """TRL 1.12: drop-in subclasses of the stock PPO classes. Newer TRL (no PPO): a transformers Trainer and
+    TrainingArguments with the stock constructor and fields."""
+    import inspect
+
+    import transformers
+
+    trainer, config = trl_regularizers.RegularizedPPOTrainer, trl_regularizers.RegularizedPPOConfig
+    assert issubclass(trainer, transformers.Trainer) and issubclass(config, transformers.TrainingArguments)
+    assert list(inspect.signature(trainer.__init__).parameters)[:8] == [
+        "self", "args", "processing_class", "model", "ref_model", "reward_model", "train_dataset", "value_model"
+    ]
+    if TRL_HAS_PPO:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        assert issubclass(trainer, PPOTrainer) and issubclass(config, PPOConfig)
+    else:
+        assert not any(cls.__module__.startswith("trl.") for cls in trainer.__mro__ + config.__mro__)
 
 
 @pytest.mark.parametrize("name, parent", sorted(PARENTS.items()))

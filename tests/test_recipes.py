@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.trl_versions import HAS_PPO
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -40,8 +39,6 @@ def test_every_trainer_has_a_recipe_and_a_config():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_yaml_parses_into_the_recipe_dataclasses(config, tmp_path):
     script = SCRIPT_OF[config.stem]
-    if script == "ppo" and not HAS_PPO:
-        pytest.skip("PPO needs TRL < 1.13 (the [ppo] extra); covered by the TRL 1.12 run.")
     values = yaml.safe_load(config.read_text())
     parsed = load_recipe(script).make_parser().parse_args_and_config(args=["--config", str(config), "--output_dir", str(tmp_path)])
     fields = {}
@@ -96,3 +93,25 @@ def test_dpo_recipe_trains_with_two_cpu_processes(tmp_path):
     assert (out / "model.safetensors").is_file()
     # 2 ranks x 4 pairs per step over the 48 training pairs: epoch 16/48 after 2 steps (one process: 8/48).
     assert float(logs[-1]["epoch"]) == pytest.approx(2 * 2 * 4 / 48, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_ppo_recipe_trains_with_two_cpu_processes(tmp_path):
+    """PPO-ptx under DDP (2 CPU ranks) on this TRL: 2 updates of 2 x 4 episodes, finite metrics incl. ptx/nll, the
+    policy saved."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "multi_cpu.yaml"),
+        str(RECIPES / "ppo.py"), "--config", str(RECIPES / "configs" / "ppo_ptx.yaml"),
+        "--output_dir", str(out), "--total_episodes", "16", "--logging_steps", "1", "--num_ppo_epochs", "1",
+        "--response_length", "8", "--use_cpu", "true", "--disable_tqdm", "true",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [line for line in result.stdout.splitlines() if line.startswith("{'eps'")]
+    assert len(logs) == 2, result.stdout[-2000:]
+    last = eval(logs[-1], {"nan": float("nan")})  # noqa: S307 (the trainer's own printed dict)
+    assert int(last["episode"]) == 2 * 2 * 4  # 2 updates x 2 ranks x per_device_train_batch_size 4
+    assert all(float(last[name]) == float(last[name]) for name in ("objective/kl", "loss/policy_avg", "ptx/nll"))
+    assert (out / "model.safetensors").is_file()

@@ -33,6 +33,10 @@ METHODS = {
     (transformers.Trainer, "_load_rng_state"): ["self", "checkpoint"],
     (transformers.Trainer, "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
     (transformers.Trainer, "compute_loss"): ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+    # the PPO setup of adapters/ppo_standalone.py (a Trainer whose own __init__ and loop it replaces)
+    (transformers.Trainer, "create_optimizer_and_scheduler"): ["self", "num_training_steps"],
+    (transformers.Trainer, "save_model"): ["self", "output_dir", "_internal_call"],
+    (transformers.Trainer, "log"): ["self", "logs"],
     (trl.DPOTrainer, "_prepare_dataset"): ["self", "dataset", "processing_class", "args", "dataset_name"],
     (trl.DPOTrainer, "_set_signature_columns_if_needed"): ["self"],
     (trl.DPOTrainer, "compute_ref_log_probs"): ["self", "model", "inputs"],
@@ -84,6 +88,29 @@ def test_ppo_internals_exist():
     assert callable(first_true_indices) and callable(get_reward) and hasattr(PPOTrainer, "null_ref_context")
 
 
+@requires_trl_ppo
+def test_standalone_ppo_config_has_stock_ppo_fields_and_defaults(tmp_path):
+    """On TRL >= 1.13 RegularizedPPOConfig stands on adapters/ppo_standalone.PPOConfig: it must hold every field
+    of TRL 1.12's PPOConfig with the same default, so a TRL 1.12 script's config runs unchanged."""
+    from dataclasses import MISSING, fields
+
+    from trl.experimental.ppo import PPOConfig as StockConfig
+
+    from tests.trainers.test_ppo import STOCK_PPO_DEFAULTS
+    from trl_regularizers.trainers.adapters.ppo_standalone import PPOConfig
+
+    stock = {f.name: f for f in fields(StockConfig)}
+    ours = {f.name: f for f in fields(PPOConfig)}
+    assert set(stock) <= set(ours), sorted(set(stock) - set(ours))
+    for name, stock_field in stock.items():
+        default = stock_field.default if stock_field.default_factory is MISSING else stock_field.default_factory()
+        mine = ours[name].default if ours[name].default_factory is MISSING else ours[name].default_factory()
+        assert mine == default, name
+    own = {name for name in stock if name not in {f.name for f in fields(transformers.TrainingArguments)}}
+    assert {name for name in STOCK_PPO_DEFAULTS if name in own} == own
+    assert all(STOCK_PPO_DEFAULTS[name] == getattr(StockConfig(output_dir=str(tmp_path), bf16=False), name) for name in STOCK_PPO_DEFAULTS)
+
+
 def trl_private_names() -> set[str]:
     classes = [transformers.Trainer, trl.DPOTrainer, trl.RewardTrainer, trl.GRPOTrainer, trl.RLOOTrainer]
     if HAS_PPO:
@@ -105,7 +132,7 @@ def test_only_adapters_name_trl_private_methods_or_attributes():
         if hits and ADAPTERS not in path.parents:
             offenders[str(path.relative_to(PACKAGE))] = hits
     assert not offenders, f"TRL private names outside trainers/adapters/: {offenders}"
-    assert sorted(p.name for p in ADAPTERS.glob("*.py")) == ["__init__.py", "base.py", "dpo.py", "grpo.py", "ppo.py", "reward.py", "rloo.py"]
+    assert sorted(p.name for p in ADAPTERS.glob("*.py")) == ["__init__.py", "base.py", "dpo.py", "grpo.py", "ppo.py", "ppo_standalone.py", "reward.py", "rloo.py"]
 
 
 # ---- records have their documented shapes on a tiny model

@@ -1,14 +1,10 @@
 """trl-regularizers: the regularizers that keep RLHF on the rails, as drop-in TRL trainer subclasses.
 
-Names are imported lazily, so ``import trl_regularizers`` stays cheap and the PPO names (TRL 1.12 only,
-the ``[ppo]`` extra) raise their ImportError only when used.
+Names are imported lazily, so ``import trl_regularizers`` stays cheap (it does not import TRL). Every name,
+the PPO ones included, exists on every supported TRL release.
 """
 
 from importlib import import_module
-from importlib.metadata import version
-
-from packaging.version import Version
-
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -27,9 +23,7 @@ _LAZY = {
     "PtxStream": "ptx",
 }
 
-_PPO_NAMES = {"RegularizedPPOTrainer", "RegularizedPPOConfig"}
-# `import *` must work on every TRL: the PPO names exist only with TRL < 1.13 (the [ppo] extra).
-__all__ = sorted(name for name in _LAZY if name not in _PPO_NAMES or Version(version("trl")) < Version("1.13"))
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):

@@ -1,17 +1,21 @@
-"""PPO with KL options, adaptive KL control and PPO-ptx, on TRL 1.12's ``trl.experimental.ppo`` (the ``[ppo]`` extra).
+"""PPO with KL options, adaptive KL control and PPO-ptx, on every supported TRL (1.12 through the newest).
 
-``RegularizedPPOTrainer`` reuses the parent's constructor through ``adapters/ppo.py`` and replaces ``train()`` with a
-loop written from the PPO algorithm (Ziegler et al. 2019; Ouyang et al. 2022 for ptx), one overridable method per
-stage; the math is ``core.ppo``, the KL estimate ``trainers.kl.estimate_kl``, ptx the shared ``PtxRegularizer``
-and the checkpointed state the shared ``regularizer_state``:
+The implementation is picked once, here, by TRL version: on TRL 1.12 ``RegularizedPPOTrainer`` subclasses
+``trl.experimental.ppo.PPOTrainer`` (``adapters/ppo.py``: the stock constructor, a drop-in and ``isinstance`` of
+it); on TRL >= 1.13, which has no PPO, it stands on the package's own setup (``adapters/ppo_standalone.py``:
+config fields, constructor and metric names of TRL 1.12's, written from the algorithm, no TRL code). Both feed
+the same loop, written from the PPO algorithm (Ziegler et al. 2019; Ouyang et al. 2022 for ptx), one overridable
+method per stage; the math is ``core.ppo``, the KL estimate ``trainers.kl.estimate_kl``, ptx the shared
+``PtxRegularizer`` and the checkpointed state the shared ``regularizer_state``:
 
     rollout -> score -> compute_kl -> compute_rewards -> compute_advantages -> ppo_update (ppo_loss + ptx) -> log_update
     -> end_update (scheduler, callbacks, checkpoint)
 
-With ``kl_estimator="k1"``, a fixed ``kl_coef`` and ``ptx_coef=0`` it reproduces stock ``PPOTrainer`` numerically.
-Two stock quirks are fixed (see docs/ppo.md): one optimizer step per mini-batch (stock steps once per
-``gradient_accumulation_steps`` micro-batches, whatever ``num_mini_batches`` is, and on every micro-batch of
-the update that ends a pass over the dataloader), and ``train(resume_from_checkpoint=...)`` resumes.
+With ``kl_estimator="k1"``, a fixed ``kl_coef`` and ``ptx_coef=0`` it reproduces stock ``PPOTrainer`` numerically,
+on TRL 1.12 and on the newest TRL alike (tests/fixtures/ppo_stock_trl112.json). Two stock quirks are fixed (see
+docs/ppo.md): one optimizer step per mini-batch (stock steps once per ``gradient_accumulation_steps``
+micro-batches, whatever ``num_mini_batches`` is, and on every micro-batch of the update that ends a pass over the
+dataloader), and ``train(resume_from_checkpoint=...)`` resumes.
 """
 
 from __future__ import annotations
@@ -23,21 +27,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import trl
+from packaging.version import Version
 
-from trl_regularizers.configs import KLArguments, PtxArguments, _at_least, _choice, check_finite_numbers, regularized_config
+from trl_regularizers.configs import KLArguments, PtxArguments, _at_least, _choice, _positive, check_finite_numbers, regularized_config
 from trl_regularizers.core.control import make_kl_controller
 from trl_regularizers.core.kl import kl_estimator_info, kl_estimator_names
 from trl_regularizers.core.ppo import clipped_policy_loss, clipped_value_loss, gae, masked_whiten, shape_rewards
-from trl_regularizers.trainers.adapters.ppo import INVALID_LOGPROB, PPOAdapter, PPOConfig
+from trl_regularizers.trainers.adapters.ppo_standalone import INVALID_LOGPROB, StandalonePPOAdapter
 from trl_regularizers.trainers.kl import estimate_kl
 from trl_regularizers.trainers.ptx import PtxRegularizer
 from trl_regularizers.trainers.records import KLRecord
+
+STOCK_PPO = Version(trl.__version__).release < (1, 13)
+"""TRL 1.12 still has ``trl.experimental.ppo``: subclass it. Newer TRL: the package's own implementation."""
+if STOCK_PPO:
+    from trl_regularizers.trainers.adapters.ppo import PPOAdapter, PPOConfig
+else:
+    from trl_regularizers.trainers.adapters.ppo_standalone import PPOConfig
+    PPOAdapter = StandalonePPOAdapter
 
 
 @dataclass
 class RegularizedPPOConfig(PtxArguments, KLArguments, PPOConfig):
     r"""
-    [`~trl.experimental.ppo.PPOConfig`] plus a choice of KL estimator, direction, clamp and adaptive control
+    The fields of TRL 1.12's [`~trl.experimental.ppo.PPOConfig`] (its subclass on TRL 1.12; the same fields with
+    the same defaults on newer TRL) plus a choice of KL estimator, direction, clamp and adaptive control
     ([`KLArguments`], coefficient = `kl_coef`), and PPO-ptx ([`PtxArguments`]).
 
     The KL penalty is per token in the reward, as PPO does: `r_t = -kl_coef * KL_t`, plus the score on the
@@ -71,16 +86,29 @@ class RegularizedPPOConfig(PtxArguments, KLArguments, PPOConfig):
             raise ValueError(f"kl_target={self.kl_target} needs kl_coef > 0 to adapt from, got kl_coef={self.kl_coef}.")
         self._validate_kl(self.kl_coef)
         self._validate_ptx()
+        self._validate_ppo()
+
+    def _validate_ppo(self) -> None:
+        """PPO's own numbers, in range (finiteness is checked for every field)."""
+        for name in ("num_ppo_epochs", "num_mini_batches", "response_length", "local_rollout_forward_batch_size"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("total_episodes", self.total_episodes, 1, allow_none=True)
+        _at_least("num_sample_generations", self.num_sample_generations, 0)
+        for name in ("temperature", "cliprange", "cliprange_value"):
+            _positive(name, getattr(self, name))
+        _at_least("vf_coef", self.vf_coef, 0.0)
+        _at_least("missing_eos_penalty", self.missing_eos_penalty, 0.0, allow_none=True)
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}.")
 
 
-class RegularizedPPOTrainer(PtxRegularizer, PPOAdapter):
-    """Drop-in [`~trl.experimental.ppo.PPOTrainer`] with KL options, adaptive KL control and PPO-ptx.
-
-    Takes the parent's arguments plus ``pretrain_dataset=`` for ``ptx_coef > 0``. ``train(resume_from_checkpoint=...)``
-    restores policy, value model, optimizer, scheduler, step, RNG, KL controller and ptx stream.
-    """
+class RegularizedPPOLoop(PtxRegularizer):
+    """The regularized PPO loop over any PPO adapter (``PPOAdapter`` below, or ``StandalonePPOAdapter``)."""
 
     def __init__(self, args: RegularizedPPOConfig, processing_class, model, ref_model, reward_model, train_dataset, value_model, *rest, **kwargs):
+        if args is not None and not isinstance(args, RegularizedPPOConfig) and not STOCK_PPO:
+            raise TypeError(f"args must be a RegularizedPPOConfig, got {type(args).__name__}.")
         args = regularized_config(args, RegularizedPPOConfig, model, "PPO")
         super().__init__(args, processing_class, model, ref_model, reward_model, train_dataset, value_model, *rest, **kwargs)
         self.kl_controller = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
@@ -266,3 +294,12 @@ class RegularizedPPOTrainer(PtxRegularizer, PPOAdapter):
         if self.control.should_save:
             self.save_checkpoint()
             self.control = self.callback_handler.on_save(args, self.state, self.control)
+
+
+class RegularizedPPOTrainer(RegularizedPPOLoop, PPOAdapter):
+    """Drop-in ``trl.experimental.ppo.PPOTrainer`` (TRL 1.12's constructor) with KL options, adaptive KL control and
+    PPO-ptx, on every supported TRL.
+
+    Takes the stock arguments plus ``pretrain_dataset=`` for ``ptx_coef > 0``. ``train(resume_from_checkpoint=...)``
+    restores policy, value model, optimizer, scheduler, step, RNG, KL controller and ptx stream.
+    """
