@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Create (or reuse) a virtual environment with the package installed.
-#   scripts/setup_env.sh latest   -> .venv        (newest supported TRL)
+# Create (or reuse) a test environment.
+#   scripts/setup_env.sh latest   -> .venv        (newest supported TRL; extras dev, peft)
 #   scripts/setup_env.sh trl112   -> .venv-trl112 (TRL 1.12, the [ppo] extra)
+#   scripts/setup_env.sh deps     -> .venv-deps   (the package and its declared dependencies only, no extras)
+#   scripts/setup_env.sh 1.13.0   -> .venv-trl/1.13.0: that TRL wheel alone, without its dependencies, to be put
+#                                    first on PYTHONPATH over .venv (scripts/test.sh). Correct because every
+#                                    requirement of a TRL 1.12-1.16 release is one of TRL 1.16's, with a lower or
+#                                    equal bound; .venv-deps checks each release with its own requirements.
 # TORCH_SPEC overrides the torch requirement (default: the CPU build torch==2.13.0;
 # set e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" on a GPU box).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 flavor="${1:-latest}"
+pip_flags=(--quiet --disable-pip-version-check --progress-bar off)
 case "$flavor" in
-  latest) venv=.venv;        extras="dev,peft" ;;
-  trl112) venv=.venv-trl112; extras="dev,peft,ppo" ;;
-  *) echo "unknown environment '$flavor' (expected: latest, trl112)" >&2; exit 2 ;;
+  latest) venv=.venv;        extras="[dev,peft]" ;;
+  trl112) venv=.venv-trl112; extras="[dev,peft,ppo]" ;;
+  deps)   venv=.venv-deps;   extras="" ;;
+  [0-9]*.*.*)
+    bash "$0" latest
+    overlay=".venv-trl/$flavor"
+    if [ ! -d "$overlay" ]; then
+      # Install into a temporary folder first, so an interrupted install is never taken for a finished one.
+      rm -rf "$overlay.tmp"
+      .venv/bin/python -m pip install "${pip_flags[@]}" --no-deps --target "$overlay.tmp" "trl==$flavor"
+      mv "$overlay.tmp" "$overlay"
+    fi
+    exit 0 ;;
+  *) echo "unknown environment '$flavor' (expected: latest, trl112, deps or a TRL version such as 1.13.0)" >&2; exit 2 ;;
 esac
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
@@ -20,11 +37,11 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off)
+pip=("$venv/bin/python" -m pip install "${pip_flags[@]}")
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 # shellcheck disable=SC2086
 "${pip[@]}" $TORCH_SPEC
-"${pip[@]}" -e ".[${extras}]"
+"${pip[@]}" -e ".${extras}"
 rm -f "$venv"/.installed-*
 touch "$stamp"
 echo "$venv ready: $("$venv/bin/python" -c 'import torch, trl, transformers; print("torch", torch.__version__, "trl", trl.__version__, "transformers", transformers.__version__)')" >&2

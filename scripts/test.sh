@@ -1,17 +1,50 @@
 #!/usr/bin/env bash
-# Run the whole test suite in both supported TRL environments:
-#   .venv        -> latest TRL (1.16)
-#   .venv-trl112 -> TRL 1.12, the [ppo] extra (the last TRL with trl.experimental.ppo)
-# Each environment is created on first use (scripts/setup_env.sh). Extra arguments go to pytest.
+# Run the tests on every TRL release the package declares (pyproject.toml: trl>=1.12,<1.17,!=1.15.0):
+#   latest   .venv, TRL 1.16: the whole suite
+#   trl112   .venv-trl112, TRL 1.12 (the [ppo] extra): the whole suite
+#   1.13.0 1.14.0 1.14.1 1.14.2   the core, trainer and TRL-contract tests, in .venv with that TRL wheel first
+#            on PYTHONPATH
+#   deps     .venv-deps, the package with its declared dependencies only: each release is installed in turn
+#            (with TRL's own requirements) and the trainers must import
+# Environments are created on first use (scripts/setup_env.sh). Extra arguments go to pytest and replace the
+# default selection in every environment. TRL_ENVS picks environments, e.g. TRL_ENVS="latest 1.13.0".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Keep in step with the trl requirement in pyproject.toml.
+between=(1.13.0 1.14.0 1.14.1 1.14.2)
+declared=(1.12.0 "${between[@]}" 1.16.0)
+subset=(tests/core tests/trainers tests/test_configs.py tests/test_ptx.py tests/test_trl_contract.py)
+import_check='
+import trl
+from trl import DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer
+from trl_regularizers import (KLDriftCallback, RegularizedDPOTrainer, RegularizedGRPOTrainer, RegularizedPPOTrainer,
+                              RegularizedRLOOTrainer, RegularizedRewardTrainer)
+print("TRL", trl.__version__, "imports with the declared dependencies only")'
 failed=()
-for flavor in latest trl112; do
-  bash scripts/setup_env.sh "$flavor"
-  venv=.venv; [ "$flavor" = trl112 ] && venv=.venv-trl112
-  echo "== tests in $venv ($("$venv/bin/python" -c 'import trl; print("TRL", trl.__version__)'))"
-  "$venv/bin/python" -m pytest "$@" || failed+=("$venv")
+for env in ${TRL_ENVS:-latest trl112 ${between[*]} deps}; do
+  bash scripts/setup_env.sh "$env"
+  case "$env" in
+    latest | trl112)
+      venv=.venv; [ "$env" = trl112 ] && venv=.venv-trl112
+      echo "== tests in $venv ($("$venv/bin/python" -c 'import trl; print("TRL", trl.__version__)'))"
+      "$venv/bin/python" -m pytest "$@" || failed+=("$venv") ;;
+    deps)
+      # One environment for all: every requirement of these releases is also one of torch, transformers,
+      # accelerate or datasets, so no release relies on a package that only another release brought in.
+      for version in "${declared[@]}"; do
+        echo "== .venv-deps with TRL $version"
+        { .venv-deps/bin/python -m pip install --quiet --disable-pip-version-check "trl==$version" \
+          && .venv-deps/bin/python -c "$import_check"; } || failed+=(".venv-deps (TRL $version)")
+      done ;;
+    *)
+      # Absolute, since some tests start subprocesses in other folders.
+      export PYTHONPATH="$PWD/.venv-trl/$env"
+      echo "== tests in .venv with $(.venv/bin/python -c 'import trl; print("TRL", trl.__version__, "from", trl.__path__[0])')"
+      if [ $# -gt 0 ]; then args=("$@"); else args=("${subset[@]}"); fi
+      .venv/bin/python -m pytest "${args[@]}" || failed+=("TRL $env")
+      unset PYTHONPATH ;;
+  esac
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED in: ${failed[*]}" >&2

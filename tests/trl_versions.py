@@ -1,4 +1,4 @@
-"""Skip markers for tests that need a particular TRL line (CI runs both environments)."""
+"""Skip markers for tests that need a particular TRL line (CI tests every supported TRL release: scripts/test.sh)."""
 
 import pytest
 import trl

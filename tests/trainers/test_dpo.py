@@ -269,7 +269,7 @@ def test_non_finite_nll_is_caught_and_named(tiny_lm_path, tmp_path):
         trainer.train()
 
 
-@pytest.mark.skipif(not hasattr(DPOTrainer, "_compute_loss_liger"), reason="only TRL <= 1.14 reroutes DPO's loss to Liger (TRL 1.12 run)")
+@pytest.mark.skipif(not hasattr(DPOTrainer, "_compute_loss_liger"), reason="only TRL 1.12-1.13 reroute DPO's loss to Liger (TRL 1.12 run)")
 def test_liger_loss_that_would_bypass_the_regularizers_is_refused(tiny_lm_path, tmp_path, monkeypatch):
     # liger-kernel needs Triton (not on a CPU machine): stand in for it, TRL then builds its Liger loss
     monkeypatch.setattr("trl.trainer.dpo_trainer.is_liger_kernel_available", lambda: True)

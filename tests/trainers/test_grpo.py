@@ -379,7 +379,7 @@ def test_adaptive_beta_cadence_with_several_steps_per_generation(tiny_lm_path, t
     assert betas == [pytest.approx(BETA * 1.02**n, rel=1e-12) for n in factors]
 
 
-@pytest.mark.skipif(not hasattr(GRPOTrainer, "compute_liger_loss"), reason="only TRL <= 1.14 reroutes GRPO's loss to Liger (TRL 1.12 run)")
+@pytest.mark.skipif(not hasattr(GRPOTrainer, "compute_liger_loss"), reason="only TRL 1.12-1.13 reroute GRPO's loss to Liger (TRL 1.12 run)")
 def test_liger_loss_that_would_ignore_the_kl_options_is_refused(tiny_lm_path, tmp_path, monkeypatch):
     # liger-kernel needs Triton (not on a CPU machine): stand in for it, TRL then builds its Liger loss
     monkeypatch.setattr("trl.trainer.grpo_trainer.is_liger_kernel_available", lambda: True)

@@ -65,7 +65,7 @@ class DPOAdapter(TrainerAdapter, DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.record_needs() is not None and self.args.use_liger_kernel and hasattr(DPOTrainer, "_compute_loss_liger"):
-            # TRL <= 1.14 routes compute_loss to _compute_loss_liger (L1757-1768 in 1.12), whose forwards the hooks miss
+            # TRL 1.12-1.13 route compute_loss to _compute_loss_liger (L1757-1768 in 1.12), whose forwards the hooks miss
             raise ValueError(
                 f"use_liger_kernel=True replaces DPO's loss with Liger's in TRL {trl.__version__}, which leaves no "
                 "log-probs to regularize: set use_liger_kernel=False, or upgrade TRL (1.16 applies Liger to layers only)."

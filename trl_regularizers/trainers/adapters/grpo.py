@@ -53,7 +53,7 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
         plan = self.kl_plan()
         changes_kl = not plan.native or getattr(self.args, "kl_target", None) is not None
         if hasattr(GRPOTrainer, "compute_liger_loss") and self.args.use_liger_kernel and self.beta != 0.0 and changes_kl:
-            # TRL <= 1.14 routes compute_loss to compute_liger_loss (L3030 in 1.12), which computes its own KL
+            # TRL 1.12-1.13 route compute_loss to compute_liger_loss (L3030 in 1.12), which computes its own KL
             raise ValueError(
                 f"use_liger_kernel=True replaces GRPO's loss with Liger's in TRL {trl.__version__}, which computes its own "
                 "KL: the KL options would be ignored. Set use_liger_kernel=False, or upgrade TRL."
