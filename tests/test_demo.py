@@ -56,7 +56,7 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
 
     report = main(["--quick", "--out", str(tmp_path)])
     text = report.read_text()
-    for png in ("a_dpo_chosen_logp.png", "b_grpo.png", "c_drift_vs_forgetting.png", "d_reward_margins.png"):
+    for png in ("a_dpo_chosen_logp.png", "b_grpo.png", "c_drift_vs_forgetting.png", "d_reward_margins.png", "e_reward_aware.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     results = json.loads((tmp_path / "results.json").read_text())
 
@@ -85,3 +85,28 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     for run in results["reward"].values():
         assert set(run) == {"slightly better", "better", "significantly better", "all"}
         assert all(0.0 <= acc <= 1.0 for acc in run.values())
+    # (e): the accuracies shown are TRL's eval rewards/accuracies of that run on each subset, and the settings its own.
+    assert set(results["reward_aware"]) == {"DPO", "weighted DPO (sigmoid)", "RPO (bwd KL)"}
+    rpo = json.loads((tmp_path / "e_reward_aware" / "RPO_bwd_KL" / "run.json").read_text())
+    flipped = [e["eval_rewards/accuracies"] for e in rpo["log_history"] if "eval_flipped_loss" in e]
+    kept = [e["eval_rewards/accuracies"] for e in rpo["log_history"] if "eval_kept_loss" in e]
+    summary = results["reward_aware"]["RPO (bwd KL)"]
+    assert (summary["flipped_accuracy_start"], summary["flipped_accuracy_end"]) == (flipped[0], flipped[-1])
+    assert summary["kept_accuracy_end"] == kept[-1] and summary["eval_steps"][0] == 0 and len(flipped) >= 2
+    assert rpo["settings"]["reward_aware_loss"] == "rpo_bwd_kl" and any("reward_aware/loss" in e for e in rpo["log_history"])
+    assert f"| RPO (bwd KL) | `rpo_bwd_kl` | - | {rpo['settings']['beta']:g} | {rpo['settings']['reward_eta']:g} |" in text and f"{flipped[-1]:.3f}" in text
+    assert summary["num_flipped"] > 0 and summary["num_kept"] > summary["num_flipped"]
+
+
+def test_noisy_pairs_swap_labels_and_keep_scores_with_their_texts():
+    from trl_regularizers.demo.runs import noisy_scored_pairs
+
+    train, flipped, kept = noisy_scored_pairs(0)
+    assert len(train) == len(flipped) + len(kept) and 0 < len(flipped) < len(kept)
+    by_prompt = {row["prompt"]: row for row in train}
+    for clean in flipped.to_list():  # swapped for training: the wrong fact is chosen, its score comes along
+        row = by_prompt[clean["prompt"]]
+        assert (row["chosen"], row["chosen_score"]) == (clean["rejected"], clean["rejected_score"])
+    # the scores are informative: the true fact outscores the wrong one in most pairs, labels or not
+    clean_rows = flipped.to_list() + kept.to_list()
+    assert sum(r["chosen_score"] > r["rejected_score"] for r in clean_rows) / len(clean_rows) > 0.9

@@ -16,8 +16,10 @@ from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig
 
 from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, MAX_CLAMP, kl_estimator_names
 from trl_regularizers.core.margins import LLAMA2_MARGIN_LARGE, LLAMA2_MARGIN_SMALL, MARGIN_SOURCES
+from trl_regularizers.core.reward_aware import MAX_ABS_GAP, REWARD_WEIGHTINGS, RPO_DISTANCES
 
 NLL_NORMALIZATIONS: tuple[str, ...] = ("completion", "sequence")
+REWARD_AWARE_LOSSES: tuple[str, ...] = (*(f"rpo_{d}" for d in RPO_DISTANCES), "rebel", "weighted_dpo")
 MARGIN_LABEL_MAPS: dict[str, dict[str, float]] = {"llama2_small": LLAMA2_MARGIN_SMALL, "llama2_large": LLAMA2_MARGIN_LARGE}
 
 
@@ -143,6 +145,65 @@ class MarginArguments:
 
 
 @dataclass
+class RewardAwareArguments:
+    r"""
+    > Reward-aware direct alignment: RPO ([Nemotron-4 340B](https://huggingface.co/papers/2406.11704),
+    > [Sun et al. 2025](https://huggingface.co/papers/2502.00203)), REBEL
+    > ([Gao et al. 2024](https://huggingface.co/papers/2404.16767)) and reward-weighted DPO. See docs/reward_aware.md.
+
+    reward_aware_loss (`str` or `None`, *optional*, defaults to `None`):
+        `"rpo_sq"`, `"rpo_bwd_kl"`, `"rpo_fwd_kl"` (RPO: a distance between `beta * delta` and
+        `reward_eta * (r_c - r_r)`), `"rebel"` (`(delta / reward_eta - (r_c - r_r))^2`) or `"weighted_dpo"` (DPO's
+        sigmoid loss of each pair times a weight of its reward gap). These replace (RPO, REBEL) or reweight
+        (weighted DPO) TRL's `"sigmoid"` term, which `loss_type` must contain. `None` disables them.
+    reward_eta (`float`, *optional*, defaults to `1.0`):
+        eta: the scale between reward units and log-ratio units. RPO's reward scale (>= 0), REBEL's step size
+        (> 0), the inverse temperature of the `"sigmoid"` and the scale of the `"abs"` weights.
+    reward_weighting (`str`, *optional*, defaults to `"abs_normalized"`):
+        Weight of each pair in `"weighted_dpo"`: `"abs_normalized"` (`|r_c - r_r|` divided by its mean over the
+        training pairs), `"abs"` (`reward_eta * |r_c - r_r|`) or `"sigmoid"` (`sigmoid(reward_eta * (r_c - r_r))`).
+    reward_length_normalize (`bool`, *optional*, defaults to `False`):
+        Use the per-token mean log-ratio of each completion in delta instead of the sum over its tokens.
+    reward_chosen_score_field (`str`, *optional*, defaults to `"chosen_score"`):
+        Column of the chosen completion's reward score (read, or written by `reward_model=`).
+    reward_rejected_score_field (`str`, *optional*, defaults to `"rejected_score"`):
+        Column of the rejected completion's reward score.
+    reward_model_batch_size (`int`, *optional*, defaults to `16`):
+        Pairs per forward pass when a `reward_model=` passed to the trainer scores the dataset before training.
+    reward_model_max_length (`int` or `None`, *optional*, defaults to `None`):
+        Truncate each scored text to this many tokens (`None`: no truncation).
+    """
+
+    reward_aware_loss: str | None = field(default=None, metadata={"help": f"Reward-aware loss: None, {', '.join(REWARD_AWARE_LOSSES)}."})
+    reward_eta: float = field(default=1.0, metadata={"help": "eta: reward scale of RPO, step size of REBEL, weight scale/inverse temperature."})
+    reward_weighting: str = field(default="abs_normalized", metadata={"help": "Pair weight of weighted_dpo.", "choices": list(REWARD_WEIGHTINGS)})
+    reward_length_normalize: bool = field(default=False, metadata={"help": "Per-token mean log-ratios instead of sums."})
+    reward_chosen_score_field: str = field(default="chosen_score", metadata={"help": "Score column of the chosen completion."})
+    reward_rejected_score_field: str = field(default="rejected_score", metadata={"help": "Score column of the rejected completion."})
+    reward_model_batch_size: int = field(default=16, metadata={"help": "Pairs per reward-model forward when scoring before training."})
+    reward_model_max_length: int | None = field(default=None, metadata={"help": "Truncation of scored texts in tokens (None: none)."})
+
+    def _validate_reward_aware(self) -> None:
+        if self.reward_aware_loss == "None":  # the command line spells the default as a string
+            self.reward_aware_loss = None
+        _choice("reward_aware_loss", self.reward_aware_loss, (None, *REWARD_AWARE_LOSSES))
+        _choice("reward_weighting", self.reward_weighting, REWARD_WEIGHTINGS)
+        if self.reward_aware_loss == "rebel":
+            _positive("reward_eta", self.reward_eta)  # REBEL divides by it
+        else:
+            _at_least("reward_eta", self.reward_eta, 0.0)
+        if not self.reward_eta <= MAX_ABS_GAP:
+            raise ValueError(f"reward_eta must be <= {MAX_ABS_GAP:g}, got {self.reward_eta!r}.")
+        _positive("reward_model_batch_size", self.reward_model_batch_size)
+        _at_least("reward_model_max_length", self.reward_model_max_length, 1, allow_none=True)
+        names = (self.reward_chosen_score_field, self.reward_rejected_score_field)
+        if not all(isinstance(name, str) and name for name in names) or names[0] == names[1]:
+            raise ValueError(
+                f"reward_chosen_score_field and reward_rejected_score_field must be two different column names, got {names!r}."
+            )
+
+
+@dataclass
 class KLArguments:
     r"""
     > KL penalty to the reference policy (eq. 2-4; estimators from [Schulman 2020](http://joschu.net/blog/kl-approx.html))
@@ -192,7 +253,7 @@ class KLArguments:
 
 
 @dataclass
-class RegularizedDPOConfig(PtxArguments, MarginArguments, DPOConfig):
+class RegularizedDPOConfig(PtxArguments, RewardAwareArguments, MarginArguments, DPOConfig):
     r"""
     [`~trl.DPOConfig`] plus DPO+NLL (eq. 7-8), per-pair margins and pretraining mixing.
 
@@ -207,6 +268,7 @@ class RegularizedDPOConfig(PtxArguments, MarginArguments, DPOConfig):
 
     Margins (see [`MarginArguments`]) enter DPO as an offset inside the sigmoid,
     `-log sigmoid(beta * delta - m)` ([ODPO](https://huggingface.co/papers/2402.10571)).
+    Reward-aware losses (RPO, REBEL, reward-weighted DPO): see [`RewardAwareArguments`].
     Pretraining mixing: see [`PtxArguments`].
     """
 
@@ -222,6 +284,7 @@ class RegularizedDPOConfig(PtxArguments, MarginArguments, DPOConfig):
         _at_least("nll_alpha", self.nll_alpha, 0.0)
         _choice("nll_normalization", self.nll_normalization, NLL_NORMALIZATIONS)
         self._validate_margins()
+        self._validate_reward_aware()
         self._validate_ptx()
 
 

@@ -10,6 +10,7 @@ the row, never a silently dropped term). Missing columns are an error naming the
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -69,6 +70,54 @@ def add_margin_column(dataset, args: MarginArguments, dataset_name: str = "train
             f"which has the columns {available}. Set {' / '.join(source.column_fields)} to the right column name."
         )
     return _checked_rows(dataset, lambda row: source.row_margin(row, args), dataset_name)
+
+
+def _score(value, column: str) -> float:
+    """A reward score as a float; None, text, booleans and non-finite numbers raise naming ``column``."""
+    if value is None or isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"column {column!r} must hold a finite number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"column {column!r} must hold a finite number, got {value!r:.80}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"column {column!r} must hold a finite number, got {value!r}")
+    return number
+
+
+def check_score_columns(dataset, chosen_field: str, rejected_field: str, dataset_name: str = "train"):
+    """Check, before training, that the two reward-score columns exist and hold a finite number in every row.
+
+    Returns the dataset (for an ``IterableDataset``, re-mapped so that rows are checked as they stream).
+
+    Raises:
+        ValueError: a column is missing (the message lists the dataset's columns and the config fields naming
+            them), or a row holds a missing, NaN, infinite or non-numeric score (the message names row and column).
+    """
+    available = column_names(dataset)
+    missing = [name for name in (chosen_field, rejected_field) if name not in available]
+    if missing:
+        raise ValueError(
+            f"reward_aware_loss needs the score column(s) {missing} in the {dataset_name} dataset, which has the columns "
+            f"{available}. Set reward_chosen_score_field / reward_rejected_score_field to the right names, or pass "
+            "reward_model= to the trainer to score the pairs."
+        )
+
+    def check(row, index):
+        try:
+            return {name: _score(row[name], name) for name in (chosen_field, rejected_field)}
+        except ValueError as err:
+            raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
+
+    if getattr(dataset, "column_names", None) is None:
+        return dataset.map(check, with_indices=True)
+    for name in (chosen_field, rejected_field):
+        for index, value in enumerate(dataset[name]):
+            try:
+                _score(value, name)
+            except ValueError as err:
+                raise ValueError(f"{dataset_name} dataset, row {index}: {err}") from None
+    return dataset
 
 
 def margin_bucket_namer(args: MarginArguments) -> Callable[[float], str]:

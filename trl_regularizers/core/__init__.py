@@ -33,6 +33,16 @@ from trl_regularizers.core.ppo import (
     masked_whiten,
     shape_rewards,
 )
+from trl_regularizers.core.reward_aware import (
+    REWARD_WEIGHTINGS,
+    RPO_DISTANCES,
+    bernoulli_kl,
+    logratio_gap,
+    rebel_loss,
+    reward_weights,
+    rpo_loss,
+    weighted_dpo_loss,
+)
 
 __all__ = [
     "AdaptiveKLController",
@@ -47,7 +57,10 @@ __all__ = [
     "LLAMA2_MARGIN_SMALL",
     "MARGIN_SOURCES",
     "PolicyLossStats",
+    "REWARD_WEIGHTINGS",
+    "RPO_DISTANCES",
     "ValueLossStats",
+    "bernoulli_kl",
     "clipped_policy_loss",
     "clipped_value_loss",
     "full_vocab_kl",
@@ -58,6 +71,7 @@ __all__ = [
     "label_margin",
     "length_normalized_nll",
     "likert_margin",
+    "logratio_gap",
     "make_kl_controller",
     "margin_preference_loss",
     "masked_mean",
@@ -67,6 +81,10 @@ __all__ = [
     "per_token_kl",
     "ptx_nll",
     "rating_margin",
+    "rebel_loss",
     "register_kl_estimator",
+    "reward_weights",
+    "rpo_loss",
     "shape_rewards",
+    "weighted_dpo_loss",
 ]

@@ -1,4 +1,4 @@
-"""``python -m trl_regularizers.demo``: run experiments (a)-(d) and write the report folder."""
+"""``python -m trl_regularizers.demo``: run experiments (a)-(e) and write the report folder."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from trl_regularizers.demo.pretrain import INFO_FILE, base_model_path
     from trl_regularizers.demo.report import summarize, write_report
-    from trl_regularizers.demo.runs import DemoSize, drift_vs_forgetting, run_dpo, run_grpo, run_reward
+    from trl_regularizers.demo.runs import DemoSize, drift_vs_forgetting, run_dpo, run_grpo, run_reward, run_reward_aware
 
     hf_logging.set_verbosity_error()
     threads = torch.get_num_threads()
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> Path:
         grpo = timed("(b) GRPO", run_grpo, base, out / "b_grpo", size, args.seed)
         fit = drift_vs_forgetting(dpo + grpo)
         reward = timed("(d) reward model", run_reward, base, out / "d_reward", size, args.seed)
-        summary = summarize(base_info, dpo, grpo, fit, reward, timings)
-        report = write_report(out, summary, dpo, grpo, reward, args.quick)
+        reward_aware = timed("(e) reward-aware DPO", run_reward_aware, base, out / "e_reward_aware", size, args.seed)
+        summary = summarize(base_info, dpo, grpo, fit, reward, timings, reward_aware)
+        report = write_report(out, summary, dpo, grpo, reward, args.quick, reward_aware)
         print(f"[demo] report: {report}  (total {sum(timings.values()):.0f} s)", flush=True)
     finally:
         torch.set_num_threads(threads)  # main() is also called in-process (tests)

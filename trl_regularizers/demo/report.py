@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trl_regularizers.demo.runs import GRPO_SETTINGS, STRENGTH_LABELS, TARGET_CHAR, series
+from trl_regularizers.demo.runs import GRPO_SETTINGS, LABEL_NOISE, SCORE_NOISE, STRENGTH_LABELS, TARGET_CHAR, series
 
 
 def _plt():
@@ -35,9 +35,17 @@ def _drift(run: dict, key: str) -> tuple[list[int], list[float]]:
     return [h["step"] for h in run["drift"]], [h[key] for h in run["drift"]]
 
 
-def summarize(base_info: dict, dpo: list[dict], grpo: list[dict], fit: dict, reward: list[dict], timings: dict) -> dict:
+def eval_series(log_history: list[dict], subset: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of TRL's ``eval_<key>`` in the evaluations of the ``subset`` eval dataset (TRL prefixes only
+    the loss with the dataset's name, so its rows are told apart by ``eval_<subset>_loss``)."""
+    rows = [(e["step"], float(e[f"eval_{key}"])) for e in log_history if f"eval_{subset}_loss" in e and f"eval_{key}" in e]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def summarize(base_info: dict, dpo: list[dict], grpo: list[dict], fit: dict, reward: list[dict], timings: dict,
+              reward_aware: list[dict] = ()) -> dict:
     """The numbers the report shows, all read from the run records."""
-    summary = {"base_model": base_info, "timings_s": timings, "dpo": {}, "grpo": {}, "drift_vs_forgetting": fit, "reward": {}}
+    summary = {"base_model": base_info, "timings_s": timings, "dpo": {}, "grpo": {}, "drift_vs_forgetting": fit, "reward": {}, "reward_aware": {}}
     for run in dpo:
         steps, chosen = series(run["log_history"], "eval_logps/chosen")
         _, rejected = series(run["log_history"], "eval_logps/rejected")
@@ -65,6 +73,22 @@ def summarize(base_info: dict, dpo: list[dict], grpo: list[dict], fit: dict, rew
         }
     for run in reward:
         summary["reward"][run["name"]] = run["accuracy"]
+    for run in reward_aware:
+        log = run["log_history"]
+        flipped = eval_series(log, "flipped", "rewards/accuracies")[1]
+        kept = eval_series(log, "kept", "rewards/accuracies")[1]
+        summary["reward_aware"][run["name"]] = {
+            "settings": run["settings"],
+            "num_flipped": run["num_flipped"],
+            "num_kept": run["num_kept"],
+            "flipped_accuracy_start": flipped[0],
+            "flipped_accuracy_end": flipped[-1],
+            "kept_accuracy_start": kept[0],
+            "kept_accuracy_end": kept[-1],
+            "flipped_margin_end": eval_series(log, "flipped", "rewards/margins")[1][-1],
+            "kept_margin_end": eval_series(log, "kept", "rewards/margins")[1][-1],
+            "eval_steps": eval_series(log, "flipped", "rewards/accuracies")[0],
+        }
     return summary
 
 
@@ -131,12 +155,29 @@ def plot_reward(reward: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Path:
+def plot_reward_aware(runs: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, subset, title in ((axes[0], "flipped", "pairs with swapped labels"), (axes[1], "kept", "pairs with correct labels")):
+        for run in runs:
+            ax.plot(*eval_series(run["log_history"], subset, "rewards/accuracies"), marker="o", label=run["name"])
+        ax.set(title=title, xlabel="step", ylim=(-0.05, 1.05))
+    axes[0].set_ylabel("implicit-reward accuracy on the true labels")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("(e) reward-aware DPO under label noise")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool, reward_aware=()) -> Path:
     """Write plots, ``results.json`` and ``report.md`` into ``out``; return the report path."""
     plot_dpo(dpo, out / "a_dpo_chosen_logp.png")
     plot_grpo(grpo, out / "b_grpo.png")
     plot_fit(summary["drift_vs_forgetting"], out / "c_drift_vs_forgetting.png")
     plot_reward(reward, out / "d_reward_margins.png")
+    if reward_aware:
+        plot_reward_aware(list(reward_aware), out / "e_reward_aware.png")
     (out / "results.json").write_text(json.dumps(summary, indent=2))
 
     base, fit = summary["base_model"], summary["drift_vs_forgetting"]
@@ -207,6 +248,31 @@ def write_report(out: Path, summary: dict, dpo, grpo, reward, quick: bool) -> Pa
         "![RM](d_reward_margins.png)",
         "",
     ]
+    if summary["reward_aware"]:
+        ra = summary["reward_aware"]
+        any_run = next(iter(ra.values()))
+        text += [
+            "## (e) Reward-aware DPO under label noise",
+            f"The fact pairs of (a) with scores: true fact 1, wrong fact -1, plus Gaussian noise (sd {SCORE_NOISE:g}); for "
+            f"training, a {LABEL_NOISE:.0%} share of the pairs ({any_run['num_flipped']} of "
+            f"{any_run['num_flipped'] + any_run['num_kept']}) has chosen and rejected swapped, their scores going with "
+            "their texts. Accuracy = TRL's `rewards/accuracies` (implicit reward of the true fact above the wrong one) "
+            "evaluated on the true labels, separately for the swapped and the untouched pairs (0 at step 0, where "
+            "policy = reference and a tie counts as wrong). Settings below are each run's config. RPO's loss does not "
+            "depend on which completion is labelled chosen, only on the scores; weighted DPO still follows the label, "
+            "with weight sigmoid(r_c - r_r), below 1/2 on a swapped pair whose scores rank it correctly.",
+            "",
+            _table(
+                ["run", "reward_aware_loss", "reward_weighting", "beta", "reward_eta", "swapped: accuracy start", "swapped: accuracy end",
+                 "swapped: margin end", "untouched: accuracy start", "untouched: accuracy end", "untouched: margin end"],
+                [[name, _setting(r["settings"]["reward_aware_loss"]), _setting(r["settings"]["reward_weighting"]),
+                  _setting(r["settings"]["beta"]), _setting(r["settings"]["reward_eta"]), r["flipped_accuracy_start"], r["flipped_accuracy_end"], r["flipped_margin_end"],
+                  r["kept_accuracy_start"], r["kept_accuracy_end"], r["kept_margin_end"]] for name, r in ra.items()],
+            ),
+            "",
+            "![reward-aware](e_reward_aware.png)",
+            "",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(text))
     return path

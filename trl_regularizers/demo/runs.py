@@ -2,7 +2,8 @@
 
 (a) ``run_dpo``: DPO vs DPO+NLL on fact pairs; (b) ``run_grpo``: GRPO on an over-optimizable reward under
 the regularization choices of ``GRPO_VARIANTS``; (c) ``drift_vs_forgetting``: final forward KL to the base vs held-out NLL rise across those runs
-(eq. 15); (d) ``run_reward``: reward model with vs without Llama 2 margins, accuracy by preference strength.
+(eq. 15); (d) ``run_reward``: reward model with vs without Llama 2 margins, accuracy by preference strength; (e)
+``run_reward_aware``: DPO vs reward-weighted DPO vs RPO on fact pairs with noisy labels but informative scores.
 Every run is probed by the same ``KLDriftCallback`` (task prompts + held-out corpus), so the numbers of (c)
 are comparable across trainers.
 """
@@ -283,5 +284,69 @@ def run_reward(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict
         record["accuracy"] = reward_accuracy_by_strength(trainer.model, trainer.processing_class, test)
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / "run.json").write_text(json.dumps(record, indent=1))
+        runs.append(record)
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------- (e)
+LABEL_NOISE = 0.3
+"""Fraction of (e)'s training pairs whose chosen/rejected labels are swapped (their scores travel with the texts)."""
+SCORE_NOISE = 0.5
+"""Standard deviation of the noise on (e)'s scores: true fact +1, wrong fact -1, plus N(0, SCORE_NOISE^2)."""
+REWARD_AWARE_VARIANTS = {
+    "DPO": {},
+    "weighted DPO (sigmoid)": dict(reward_aware_loss="weighted_dpo", reward_weighting="sigmoid"),
+    "RPO (bwd KL)": dict(reward_aware_loss="rpo_bwd_kl"),
+}
+"""Options of each (e) run on top of ``run_reward_aware``'s common ones (beta 0.1, reward_eta 1)."""
+
+
+def noisy_scored_pairs(seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, flipped, kept): the fact pairs with scores (``chosen_score``, ``rejected_score``), a ``LABEL_NOISE``
+    share of them with chosen and rejected swapped for training; ``flipped`` and ``kept`` are the clean-label
+    versions (true fact chosen) of the swapped and the untouched pairs, for evaluation."""
+    rng = random.Random(1000 + seed)
+    train, flipped, kept = [], [], []
+    for row in fact_pairs(seed).to_list():
+        clean = {**row, "chosen_score": 1.0 + rng.gauss(0, SCORE_NOISE), "rejected_score": -1.0 + rng.gauss(0, SCORE_NOISE)}
+        if rng.random() < LABEL_NOISE:
+            flipped.append(clean)
+            train.append({"prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"],
+                          "chosen_score": clean["rejected_score"], "rejected_score": clean["chosen_score"]})
+        else:
+            kept.append(clean)
+            train.append(clean)
+    return Dataset.from_list(train), Dataset.from_list(flipped), Dataset.from_list(kept)
+
+
+def run_reward_aware(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
+    """Each of ``REWARD_AWARE_VARIANTS`` on the noisy pairs; the implicit-reward accuracy (TRL's ``rewards/accuracies``)
+    on the clean labels of the swapped and of the untouched pairs, evaluated every few steps."""
+    from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer
+
+    train, flipped, kept = noisy_scored_pairs(seed)
+    runs = []
+    for name, options in REWARD_AWARE_VARIANTS.items():
+        folder = out / name.replace(" ", "_").replace("(", "").replace(")", "")
+        args = RegularizedDPOConfig(
+            **common_args(folder, size.dpo_steps, seed),
+            **options,
+            beta=0.1,
+            reward_eta=1.0,
+            learning_rate=2e-3,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=64,
+            eval_strategy="steps",
+            eval_steps=size.probe_every,
+        )
+        trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=train, eval_dataset={"flipped": flipped, "kept": kept})
+        before = {**trainer.evaluate(), "step": 0}
+        trainer.train()
+        record = {"name": name, "settings": {k: getattr(args, k) for k in ("reward_aware_loss", "reward_weighting", "reward_eta", "beta")},
+                  "num_flipped": len(flipped), "num_kept": len(kept), "log_history": [before, *trainer.state.log_history]}
+        if args.reward_aware_loss != "weighted_dpo":
+            record["settings"]["reward_weighting"] = None
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "run.json").write_text(json.dumps(record, indent=1))
         runs.append(record)
     return runs
