@@ -20,10 +20,9 @@ from trl_regularizers.trainers.ptx import PtxRegularizer
 from trl_regularizers.trainers.records import PreferenceRecord
 
 
-def check_margin_support(args: RegularizedDPOConfig) -> None:
-    """Margins enter as ``-log sigmoid(beta * delta - m)``; refuse settings where that is not the loss TRL computes."""
-    if args.margin_source is None:
-        return
+def sigmoid_term_problems(args: RegularizedDPOConfig) -> list[str]:
+    """Settings under which TRL's ``"sigmoid"`` term is not ``-log sigmoid(beta * delta)``, which the margin and
+    reward-aware terms rewrite exactly (empty when they can)."""
     problems = []
     if "sigmoid" not in args.loss_type:
         problems.append(f"loss_type={args.loss_type} (needs 'sigmoid' among the loss types)")
@@ -33,6 +32,12 @@ def check_margin_support(args: RegularizedDPOConfig) -> None:
         problems.append(f"ld_alpha={args.ld_alpha} (needs None)")
     if args.use_weighting:
         problems.append("use_weighting=True (needs False)")
+    return problems
+
+
+def check_margin_support(args: RegularizedDPOConfig) -> None:
+    """Margins enter as ``-log sigmoid(beta * delta - m)``; refuse settings where that is not the loss TRL computes."""
+    problems = sigmoid_term_problems(args) if args.margin_source is not None else []
     if problems:
         raise ValueError(f"margin_source={args.margin_source!r} is only supported for the sigmoid DPO loss; got {'; '.join(problems)}.")
 
@@ -43,15 +48,7 @@ def check_reward_aware_support(args: RegularizedDPOConfig) -> None:
     loss = args.reward_aware_loss
     if loss is None:
         return
-    problems = []
-    if "sigmoid" not in args.loss_type:
-        problems.append(f"loss_type={args.loss_type} (needs 'sigmoid' among the loss types: its term is the one replaced)")
-    if str(getattr(args.f_divergence_type, "value", args.f_divergence_type)) != "reverse_kl":
-        problems.append(f"f_divergence_type={args.f_divergence_type!r} (needs 'reverse_kl')")
-    if args.ld_alpha is not None:
-        problems.append(f"ld_alpha={args.ld_alpha} (needs None)")
-    if args.use_weighting:
-        problems.append("use_weighting=True (needs False)")
+    problems = sigmoid_term_problems(args)
     if args.margin_source is not None and loss != "weighted_dpo":
         problems.append(
             f"margin_source={args.margin_source!r} (margins only combine with 'weighted_dpo': in {loss!r} the reward gap "
