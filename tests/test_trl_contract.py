@@ -217,3 +217,17 @@ def test_regularized_trainers_override_only_the_intended_trl_names(stock_name):
     ours = getattr(trl_regularizers, f"Regularized{stock_name}")
     own = {name for cls in ours.__mro__ if cls.__module__.startswith("trl_regularizers") for name in vars(cls)}
     assert {name for name in own if hasattr(stock, name) and not name.startswith("__")} == OVERRIDES[stock_name]
+
+
+def test_layers_only_point_down():
+    """core/ and the config and data modules never import trainers/ (docs/architecture.md, "Layers")."""
+    lower = [*sorted((PACKAGE / "core").glob("*.py")), *(PACKAGE / name for name in ("configs.py", "data.py", "ptx.py", "scoring.py"))]
+    offenders = {}
+    for path in lower:
+        tree = ast.parse(path.read_text())
+        modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        bad = sorted(m for m in modules if m.startswith("trl_regularizers.trainers"))
+        if bad:
+            offenders[path.name] = bad
+    assert not offenders, f"lower layers import trainers/: {offenders}"
