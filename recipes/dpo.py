@@ -31,4 +31,5 @@ def main(script_args: RecipeArguments, training_args: RegularizedDPOConfig, mode
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    trainer = main(*make_parser().parse_args_and_config())
+    trainer.accelerator.end_training()  # destroys the process group: gloo threads alive at exit can abort a rank
