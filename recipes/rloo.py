@@ -32,4 +32,7 @@ def main(script_args: RecipeArguments, training_args: RegularizedRLOOConfig, mod
 
 if __name__ == "__main__":
     trainer = main(*make_parser().parse_args_and_config())
-    trainer.accelerator.end_training()  # destroys the process group: gloo threads alive at exit can abort a rank
+    # Every rank past save_model, then the process group destroyed: a rank that tears gloo down while another
+    # still saves can abort ("terminate called without an active exception", torch 2.13).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()

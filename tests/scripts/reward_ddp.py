@@ -48,6 +48,8 @@ def main(policy_path: str, reward_path: str, out_dir: str) -> None:
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as handle:
         json.dump(facts, handle)
+    trainer.accelerator.wait_for_everyone()  # as the recipes: no rank tears gloo down while another still works
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
