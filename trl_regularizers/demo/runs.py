@@ -146,6 +146,12 @@ def series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 # ----------------------------------------------------------------------------------------------- (a)
+DPO_PANEL_SETTINGS = dict(
+    beta=0.1, learning_rate=2e-3, per_device_train_batch_size=8, per_device_eval_batch_size=64, eval_strategy="steps"
+)
+"""Shared by the DPO panels (a) and (e)."""
+
+
 def run_dpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
     """DPO vs DPO+NLL: chosen log-probs of the training pairs, evaluated every few steps."""
     from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer
@@ -156,11 +162,7 @@ def run_dpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
         args = RegularizedDPOConfig(
             **common_args(out / name, size.dpo_steps, seed),
             nll_alpha=alpha,
-            beta=0.1,
-            learning_rate=2e-3,
-            per_device_train_batch_size=8,
-            per_device_eval_batch_size=64,
-            eval_strategy="steps",
+            **DPO_PANEL_SETTINGS,
             eval_steps=size.probe_every,
         )
         probe = drift_probe(size)
@@ -331,12 +333,8 @@ def run_reward_aware(base: str, out: Path, size: DemoSize, seed: int = 0) -> lis
         args = RegularizedDPOConfig(
             **common_args(folder, size.dpo_steps, seed),
             **options,
-            beta=0.1,
+            **DPO_PANEL_SETTINGS,
             reward_eta=1.0,
-            learning_rate=2e-3,
-            per_device_train_batch_size=8,
-            per_device_eval_batch_size=64,
-            eval_strategy="steps",
             eval_steps=size.probe_every,
         )
         trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=train, eval_dataset={"flipped": flipped, "kept": kept})
