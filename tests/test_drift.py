@@ -45,7 +45,7 @@ def naive_drift(callback, model, base_forward) -> dict[str, float]:
     tok = callback.tokenizer
     torch.manual_seed(callback.seed)
     sequences, mask, prompt_len = callback.sample(model)
-    reverse, forward = [], []
+    reverse, forward, reverse_sum = [], [], []
     for row in range(len(sequences)):
         ids = sequences[row][mask[row].bool()][None]  # drop left padding and everything after EOS
         n_prompt = len(tok(callback.prompts[row], add_special_tokens=False)["input_ids"])
@@ -53,8 +53,10 @@ def naive_drift(callback, model, base_forward) -> dict[str, float]:
             logp = torch.log_softmax(model(input_ids=ids).logits[0, n_prompt - 1 : -1].float(), -1)
             logq = torch.log_softmax(base_forward(ids)[0, n_prompt - 1 : -1].float(), -1)
         reverse.append((logp.exp() * (logp - logq)).sum(-1).mean().item())
+        reverse_sum.append((logp.exp() * (logp - logq)).sum().item())
         forward.append((logq.exp() * (logq - logp)).sum(-1).mean().item())
-    return {"drift/kl_reverse": sum(reverse) / len(reverse), "drift/kl_forward": sum(forward) / len(forward)}
+    return {"drift/kl_reverse": sum(reverse) / len(reverse), "drift/kl_forward": sum(forward) / len(forward),
+            "drift/kl_reverse_sequence": sum(reverse_sum) / len(reverse_sum)}
 
 
 def naive_nll(tok, model, texts) -> float:
@@ -85,6 +87,8 @@ def test_zero_at_start_then_exact_kl_with_beta_zero(tiny_lm_path, tmp_path):
     assert end["drift/kl_reverse"] > 1e-3 and end["drift/kl_forward"] > 1e-3
     assert end["drift/kl_reverse"] == pytest.approx(expected["drift/kl_reverse"], rel=1e-4)
     assert end["drift/kl_forward"] == pytest.approx(expected["drift/kl_forward"], rel=1e-4)
+    assert end["drift/kl_reverse_sequence"] == pytest.approx(expected["drift/kl_reverse_sequence"], rel=1e-4)
+    assert end["drift/kl_reverse_sequence"] > end["drift/kl_reverse"]  # completions are longer than one token
     nll_now = naive_nll(drift.tokenizer, trainer.model, HELDOUT)
     assert end["forgetting/nll"] == pytest.approx(nll_now, rel=1e-5)
     assert end["forgetting/nll_increase"] == pytest.approx(nll_now - start["forgetting/nll"], rel=1e-4, abs=1e-6)

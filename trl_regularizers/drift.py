@@ -12,6 +12,9 @@ exact per-token KL over the vocabulary at every completion position (`core.full_
 
 * ``drift/kl_reverse`` = E_x[KL(pi || pi_0)], ``drift/kl_forward`` = E_x[KL(pi_0 || pi)]: per-token KL
   averaged over each completion's tokens, then over prompts. Positions are visited by pi's samples.
+* ``drift/kl_reverse_sequence``: the per-token KL(pi || pi_0) summed over each completion, averaged over
+  prompts: an unbiased estimate of the sequence-level KL(pi(.|x) || pi_0(.|x)) (the KL of Gao et al. 2022's
+  ``d = sqrt(KL)``), since the positions are visited by pi's own samples.
 * ``forgetting/nll``: token-mean NLL of ``heldout_texts`` under pi (nats/token), and
   ``forgetting/nll_increase``: the same minus its value before training.
 
@@ -51,6 +54,12 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for module in base.modules():
         module.__dict__.pop("forward", None)
     return base
+
+
+def policy_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The policy inside a PPO trainer's policy-and-value wrapper (TRL's and ours expose it as ``.policy``);
+    any other model as is."""
+    return getattr(model, "policy", model)
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -110,6 +119,7 @@ class KLDriftCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------- callback hooks
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        model = policy_of(model)
         self.tokenizer = self.tokenizer or processing_class
         if self.tokenizer is None:
             raise ValueError("KLDriftCallback needs a tokenizer: pass tokenizer= or give the trainer a processing_class.")
@@ -122,7 +132,7 @@ class KLDriftCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_n_steps == 0:
-            self._pending = self.measure(model)
+            self._pending = self.measure(policy_of(model))
             self.history.append({**self._pending, "step": state.global_step})
             control.should_log = True
         return control
@@ -193,6 +203,7 @@ class KLDriftCallback(TrainerCallback):
             self.tokenizer.decode(seq[prompt_len:][m[prompt_len:].bool()], skip_special_tokens=True) for seq, m in zip(sequences, mask)
         ]
         totals = {"reverse": 0.0, "forward": 0.0}
+        sequence_total = 0.0
         for start in range(0, len(sequences), self.batch_size):
             seq, m = sequences[start : start + self.batch_size], mask[start : start + self.batch_size]
             # Logits at position t predict token t+1: completion tokens are predicted from prompt_len-1 on.
@@ -203,7 +214,10 @@ class KLDriftCallback(TrainerCallback):
             for direction in totals:
                 per_token = full_vocab_kl(logits, base_logits, completion_mask, direction=direction)
                 totals[direction] += (per_token.sum(-1) / tokens).sum().item()
-        return {f"drift/kl_{direction}": total / len(sequences) for direction, total in totals.items()}
+                if direction == "reverse":
+                    sequence_total += per_token.sum().item()
+        values = {f"drift/kl_{direction}": total / len(sequences) for direction, total in totals.items()}
+        return {**values, "drift/kl_reverse_sequence": sequence_total / len(sequences)}
 
     def heldout_nll(self, model) -> float:
         """Token-mean NLL (nats) of the held-out texts under ``model``."""

@@ -373,3 +373,16 @@ STOCK_PPO_DEFAULTS = dict(
     gamma=1.0, lam=0.95, ds3_gather_for_generation=True,
 )
 """TRL 1.12's ``PPOConfig`` fields and defaults (tests/test_trl_contract.py checks them against TRL 1.12 itself)."""
+
+
+def test_drift_callback_probes_the_policy_inside_ppo(tmp_path, tiny_lm_path, tiny_rm_path):
+    """KLDriftCallback gets PPO's policy-and-value module: it probes the policy, whose KL to its start grows."""
+    from trl_regularizers import KLDriftCallback
+
+    drift = KLDriftCallback(["q1 ab", "q2 abab"], every_n_steps=1, max_new_tokens=6)
+    trainer = _regularized(tmp_path, tiny_lm_path, tiny_rm_path, kl_coef=0.0)
+    trainer.add_callback(drift)
+    trainer.train()
+    assert [h["step"] for h in drift.history] == [0, 1, 2]
+    assert drift.history[0]["drift/kl_reverse"] == 0.0 and drift.history[-1]["drift/kl_reverse"] > 0.0
+    assert not hasattr(drift.base_model, "value_model")  # the frozen copy is of the policy alone
