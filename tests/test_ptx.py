@@ -15,7 +15,7 @@ from tests.scripts.ptx_ddp import PtxDPO, preference_pairs, pretraining_texts
 from trl_regularizers.configs import RegularizedDPOConfig
 from trl_regularizers.ptx import PtxStream
 from trl_regularizers.testing import byte_tokenizer
-from trl_regularizers.trainers.adapters.base import TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA
+from trl_regularizers.trainers.adapters.base import TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA, causal_lm, why_logits_are_not_a_product
 
 TOKENIZER = byte_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -318,3 +318,90 @@ def test_ppo_style_block_size_longer_than_the_model_is_refused_for_every_trainer
     with pytest.raises(ValueError, match="ptx_block_size=4096 exceeds the model's max_position_embeddings=512"):
         RegularizedGRPOTrainer(tiny_lm_path, lambda completions, **k: [0.0] * len(completions), args,
                                train_dataset=datasets.Dataset.from_dict({"prompt": ["a"] * 4}), pretrain_dataset=pretraining_texts())
+
+
+# ---------------------------------------------------------------- NLL from hidden states vs from logits, per trainer
+
+
+def dpo_ptx_trainer(tmp_path, lm_path, rm_path, texts, peft=False):
+    from peft import LoraConfig
+
+    from trl_regularizers import RegularizedDPOTrainer
+
+    args = RegularizedDPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", gradient_checkpointing=False,
+                                per_device_train_batch_size=2, ptx_coef=0.5, ptx_block_size=16)
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if peft else None
+    trainer = RegularizedDPOTrainer(lm_path, args=args, train_dataset=preference_pairs(), pretrain_dataset=texts, peft_config=peft_config)
+    return trainer, trainer.model
+
+
+def online_ptx_trainer(trainer_name):
+    def build(tmp_path, lm_path, rm_path, texts):
+        from tests.trainers.test_grpo import drifted_policy, online_args, prompts, reward_distinct
+        from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer, RegularizedRLOOConfig, RegularizedRLOOTrainer
+
+        trainer_cls, config_cls = {"grpo": (RegularizedGRPOTrainer, RegularizedGRPOConfig), "rloo": (RegularizedRLOOTrainer, RegularizedRLOOConfig)}[trainer_name]
+        args = online_args(config_cls, tmp_path, beta=0.1, ptx_coef=0.5, ptx_block_size=16)
+        trainer = trainer_cls(drifted_policy(lm_path), reward_distinct, args, train_dataset=prompts(), pretrain_dataset=texts)
+        return trainer, trainer.model
+
+    return build
+
+
+def ppo_ptx_trainer(tmp_path, lm_path, rm_path, texts):
+    from tests.trainers.test_ppo import PTX, _regularized
+
+    trainer = _regularized(tmp_path, lm_path, rm_path, pretrain_dataset=texts, **PTX)
+    return trainer, trainer.language_model()
+
+
+PTX_TRAINERS = {
+    "dpo": dpo_ptx_trainer,
+    "dpo-peft": lambda *a: dpo_ptx_trainer(*a, peft=True),
+    "grpo": online_ptx_trainer("grpo"),
+    "rloo": online_ptx_trainer("rloo"),
+    "ppo": ppo_ptx_trainer,  # TRL 1.12's stock PPO subclass there, the standalone PPO on newer TRL
+}
+
+
+@pytest.mark.parametrize("name", list(PTX_TRAINERS))
+def test_nll_from_hidden_states_equals_the_logits_nll_and_its_gradient(tiny_lm_path, tiny_rm_path, tmp_path, name):
+    """Each trainer with ptx computes the NLL from the backbone's hidden states in chunks, with no LM-head forward
+    (no [B, T, V] logits); value and gradient equal those of the NLL of the model's own logits on the same batch."""
+    trainer, model = PTX_TRAINERS[name](tmp_path, tiny_lm_path, tiny_rm_path, pretraining_texts())
+    assert trainer.ptx_from_hidden_states
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; GRPO divides its terms by it
+    params = [p for p in model.parameters() if p.requires_grad]
+    head_calls = []
+    causal_lm(trainer.accelerator.unwrap_model(model)).get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    results = {}
+    for from_hidden in (True, False):
+        trainer.ptx_from_hidden_states = from_hidden
+        trainer.ptx_stream.load_state_dict({"epoch": 0, "block": 0, "block_size": 16, "seed": trainer.args.seed})
+        loss = trainer.ptx_loss(model)
+        results[from_hidden] = (loss.detach(), torch.autograd.grad(loss, params))
+        assert len(head_calls) == (0 if from_hidden else 1)
+    (value, grads), (expected, expected_grads) = results[True], results[False]
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert value > 0.1
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_models_whose_logits_are_not_a_product_use_the_logits_path(tiny_lm_path, tmp_path):
+    """A logit soft-capping config (or an LM-head bias) changes the logits after the head: the chunked NLL would
+    miss it, so the trainer computes the NLL from the model's logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    model.config.final_logit_softcapping = 30.0
+    args = RegularizedDPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", per_device_train_batch_size=2,
+                                ptx_coef=0.5, ptx_block_size=16)
+    from trl_regularizers import RegularizedDPOTrainer
+
+    capped = RegularizedDPOTrainer(model, args=args, train_dataset=preference_pairs(), pretrain_dataset=pretraining_texts())
+    assert not capped.ptx_from_hidden_states
+    assert why_logits_are_not_a_product(model) == "its config sets final_logit_softcapping=30.0, which changes the logits after the LM head"
+    biased = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    biased.lm_head = torch.nn.Linear(biased.config.hidden_size, biased.config.vocab_size, bias=True)
+    assert why_logits_are_not_a_product(biased).startswith("its LM head is Linear(in_features=64, out_features=259, bias=True)")

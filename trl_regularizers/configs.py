@@ -59,7 +59,8 @@ class PtxArguments:
 
     ptx_coef (`float`, *optional*, defaults to `0.0`):
         Coefficient gamma of the token-mean NLL on batches of the `pretrain_dataset=` passed to the trainer.
-        `0.0` disables mixing.
+        `0.0` disables mixing. The NLL is computed from the final hidden states and the LM head in chunks, without
+        the batch's `[B, T, V]` logits, unless the model's logits are not `hidden @ W.T` (docs/dpo_reward.md).
     ptx_batch_size (`int` or `None`, *optional*, defaults to `None`):
         Sequences per ptx batch on each process. `None` uses `per_device_train_batch_size`.
     ptx_block_size (`int`, *optional*, defaults to `256`):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_regularizers.core.losses import length_normalized_nll, margin_preference_loss, per_pair, ptx_nll
+from trl_regularizers.core.losses import chunked_nll_from_hidden, length_normalized_nll, margin_preference_loss, per_pair, ptx_nll
 
 
 def test_length_normalized_nll_by_hand():
@@ -128,3 +128,45 @@ def test_ptx_nll_checks_its_arguments():
     with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] and labels \[B, T\], got \(1, 3, 4\) and \(1, 2\)"):
         ptx_nll(logits, torch.zeros(1, 2, dtype=torch.long))
     assert ptx_nll(logits, torch.tensor([[0, 1, 3]]), ignore_index=3).item() == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_nll_from_hidden_equals_ptx_nll_of_the_logits(chunk_size, dtype):
+    """Value and gradients (w.r.t. hidden states and LM-head weight) equal ptx_nll of ``hidden @ W.T``, in chunks of
+    any size; ignored rows (NaN hidden states included) contribute nothing."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = torch.randn(37, 8, dtype=torch.float64).to(dtype).requires_grad_()
+    labels = torch.randint(0, 37, (2, 6))
+    labels[0, 4:] = -100
+    with torch.no_grad():
+        hidden[0, 3:] = float("nan")  # predicts the ignored labels[0, 4:]
+    ours = chunked_nll_from_hidden(hidden[:, :-1].reshape(-1, 8), weight, labels[:, 1:].reshape(-1), chunk_size)
+    ours_grads = torch.autograd.grad(3.0 * ours, (hidden, weight))
+    kept = torch.ones(2, 6, 1, dtype=torch.bool)
+    kept[0, 3:] = False
+    safe_hidden = torch.where(kept, hidden, 0.0)
+    expected = ptx_nll(safe_hidden @ weight.T, labels)
+    expected_grads = torch.autograd.grad(3.0 * expected, (hidden, weight))
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)  # float32 math
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), expected.double(), **tolerance)
+    for got, want in zip(ours_grads, expected_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want.double(), **tolerance)
+    assert (ours_grads[0][0, 3:] == 0).all()
+
+
+def test_chunked_nll_from_hidden_with_nothing_to_predict_and_bad_arguments():
+    hidden, weight = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    value = chunked_nll_from_hidden(hidden, weight, torch.full((4,), -100))
+    assert value.item() == 0.0 and all((g == 0).all() for g in torch.autograd.grad(value, (hidden, weight)))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\) or ignore_index=-100, got 5"):
+        chunked_nll_from_hidden(hidden, weight, torch.tensor([0, 5, 1, 1]))
+    with pytest.raises(ValueError, match="must hold integer token ids"):
+        chunked_nll_from_hidden(hidden, weight, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"hidden must be \[N, H\], weight \[V, H\] and labels \[N\]"):
+        chunked_nll_from_hidden(hidden, weight, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+        chunked_nll_from_hidden(hidden, weight, torch.zeros(4, dtype=torch.long), chunk_size=0)

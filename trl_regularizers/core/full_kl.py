@@ -35,7 +35,11 @@ import torch
 
 from trl_regularizers.core.kl import KL_DIRECTIONS, KLDirection
 
-DEFAULT_CHUNK_SIZE = 1024
+CHUNK_BUDGET_BYTES = 256 * 2**20
+"""Default working memory of one chunk (``chunk_size=None``): 110 positions of a 151,936-entry vocabulary."""
+BYTES_PER_ENTRY = 16
+"""Bytes per [chunk, V] entry a chunk holds at its peak: two float32 logits (policy, reference), one float32
+temporary, two boolean masks and the half-precision products they are converted from."""
 FullKLBackend = Literal["auto", "torch", "triton"]
 FULL_KL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 MAX_ABS_LOGIT = 1e37
@@ -67,63 +71,89 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _lse_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row max ``m`` and ``log sum_v exp(x_v - m)`` of float32 [n, V] logits, each [n].
+def rows_per_chunk(vocab: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Rows of [rows, ``vocab``] float32 work tensors that fit ``budget_bytes`` (``BYTES_PER_ENTRY`` per entry)."""
+    return max(1, budget_bytes // (BYTES_PER_ENTRY * vocab))
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """``chunk_size`` as an int; ValueError unless it is an integer >= 1."""
+    try:
+        size = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return size
+
+
+def _log_softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn float32 [n, V] logits ``x`` into log-probabilities in place; return the row max ``m`` and
+    ``log sum_v exp(x_v - m)``, each [n].
 
     ``log_softmax = (x - m) - log_sum``: subtracting the max first keeps ``x - m`` exact for close logits, where
     ``x - (m + log_sum)`` would round ``log_sum`` away at large magnitudes (two tied logits of 1e30 got p = 1 each).
-    A row without a finite logit gives ``m = -inf`` and NaN below; the caller rejects or masks it.
+    A row without a finite logit gives ``m = -inf`` and NaN; the caller rejects or masks it.
     """
     m = x.amax(-1)
-    return m, (x - m[:, None]).exp().sum(-1).log()
+    x.sub_(m[:, None])
+    log_sum = x.exp().sum(-1).log()
+    x.sub_(log_sum[:, None])
+    return m, log_sum
 
 
-def _log_probs(x: torch.Tensor, m: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
-    return (x.float() - m[:, None]) - log_sum[:, None]
+def _kl_rows_(logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
+    """KL(x || y) = sum_v x_v (log x_v - log y_v) per row of [n, V] log-probabilities (``logy`` is overwritten),
+    with masked entries: ``x_v = 0`` contributes 0 (0 log 0 = 0, whatever ``y_v``); ``x_v > 0 = y_v`` makes the
+    row +inf."""
+    term = logy.neg_().add_(logx)  # +inf where only y is masked, NaN where both are
+    mass_on_x_only = term == _INF
+    term.mul_(logx.exp()).masked_fill_(mass_on_x_only, _INF)  # +inf even where exp(log x) underflows to 0
+    return term.masked_fill_(logx == _NEG_INF, 0.0).sum(-1)  # after the line above: 0 beats +inf when both are masked
 
 
-def _kl_rows(logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
-    """KL(x || y) = sum_v x_v (log x_v - log y_v) per row of [n, V] log-probabilities, with masked entries:
-
-    ``x_v = 0`` contributes 0 (0 log 0 = 0, whatever ``y_v``); ``x_v > 0 = y_v`` makes the row +inf.
-    """
-    term = logx.exp() * (logx - logy)
-    term = torch.where(logy == _NEG_INF, _INF, term)  # before the next line: 0 beats +inf when both are masked
-    return torch.where(logx == _NEG_INF, 0.0, term).sum(-1)
-
-
-def _torch_stats(z: torch.Tensor, r: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, ...]:
-    z, r = z.float(), r.float()
-    m_z, ls_z = _lse_parts(z)
-    m_r, ls_r = _lse_parts(r)
-    logp, logq = _log_probs(z, m_z, ls_z), _log_probs(r, m_r, ls_r)
-    kl = _kl_rows(logp, logq) if reverse else _kl_rows(logq, logp)
+def _torch_stats_(z: torch.Tensor, r: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, ...]:
+    """Stats of float32 [n, V] logits ``z``, ``r`` (both overwritten)."""
+    m_z, ls_z = _log_softmax_(z)
+    m_r, ls_r = _log_softmax_(r)
+    kl = _kl_rows_(z, r) if reverse else _kl_rows_(r, z)
     return kl, m_z, ls_z, m_r, ls_r
 
 
-def _torch_grad(z, r, m_z, ls_z, m_r, ls_r, kl, grad_kl, reverse: bool) -> torch.Tensor:
-    logp = _log_probs(z, m_z, ls_z)
-    p = logp.exp()
+def _torch_grad_(z, r, m_z, ls_z, m_r, ls_r, kl, grad_kl, reverse: bool) -> torch.Tensor:
+    """Gradient w.r.t. float32 [n, V] logits ``z`` (overwritten, like ``r``), in float32."""
+    logp = z.sub_(m_z[:, None]).sub_(ls_z[:, None])
+    logq = r.sub_(m_r[:, None]).sub_(ls_r[:, None])
     if reverse:
-        grad = p * (logp - _log_probs(r, m_r, ls_r) - kl[:, None])
-        grad = torch.where(logp == _NEG_INF, 0.0, grad)  # p log p -> 0: a masked logit gets no gradient
+        masked = logp == _NEG_INF
+        grad = logq.neg_().add_(logp).sub_(kl[:, None]).mul_(logp.exp_())
+        grad.masked_fill_(masked, 0.0)  # p log p -> 0: a masked logit gets no gradient
     else:
-        grad = p - _log_probs(r, m_r, ls_r).exp()
+        grad = logp.exp_().sub_(logq.exp_())
     # Rows with a zero upstream gradient (excluded by the mask) may hold anything, NaN included: write 0.
-    return torch.where(grad_kl[:, None] != 0, grad * grad_kl[:, None], 0.0).to(z.dtype)
+    return grad.mul_(grad_kl[:, None]).masked_fill_((grad_kl == 0)[:, None], 0.0)
 
 
-def _stats(z, r, reverse: bool, backend: str, chunk_size: int):
-    """Per-row float32 (KL, max z, log-sum z, max r, log-sum r) for [N, V] logits (``_lse_parts``)."""
+def _float_copy(x: torch.Tensor, owned: bool) -> torch.Tensor:
+    """``x`` in float32, never sharing memory with a tensor the caller keeps (unless ``owned``)."""
+    return x.float() if owned else x.to(torch.float32, copy=True)
+
+
+def _stats(z, r, reverse: bool, backend: str, chunk_size: int, owned: bool = False):
+    """Per-row float32 (KL, max z, log-sum z, max r, log-sum r) for [N, V] logits (``_log_softmax_``); ``owned``:
+    ``z`` and ``r`` may be overwritten."""
     if backend == "triton":
         from trl_regularizers.kernels.full_kl_triton import full_kl_forward
 
         return full_kl_forward(z, r, reverse)
-    parts = [_torch_stats(z[i : i + chunk_size], r[i : i + chunk_size], reverse) for i in range(0, z.shape[0], chunk_size)]
+    parts = [
+        _torch_stats_(_float_copy(z[i : i + chunk_size], owned), _float_copy(r[i : i + chunk_size], owned), reverse)
+        for i in range(0, z.shape[0], chunk_size)
+    ]
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
-def _grad(z, r, stats, grad_kl, reverse: bool, backend: str, chunk_size: int, out=None):
+def _grad(z, r, stats, grad_kl, reverse: bool, backend: str, chunk_size: int, out=None, owned: bool = False):
     """Gradient of ``sum(grad_kl * KL)`` w.r.t. the [N, V] logits ``z``, in z's dtype; ``stats`` from ``_stats``."""
     kl, m_z, ls_z, m_r, ls_r = stats
     if backend == "triton":
@@ -133,7 +163,8 @@ def _grad(z, r, stats, grad_kl, reverse: bool, backend: str, chunk_size: int, ou
     out = torch.empty_like(z) if out is None else out
     for i in range(0, z.shape[0], chunk_size):
         s = slice(i, i + chunk_size)
-        out[s] = _torch_grad(z[s], r[s], m_z[s], ls_z[s], m_r[s], ls_r[s], kl[s], grad_kl[s], reverse)
+        zs, rs = _float_copy(z[s], owned), _float_copy(r[s], owned)
+        out[s] = _torch_grad_(zs, rs, m_z[s], ls_z[s], m_r[s], ls_r[s], kl[s], grad_kl[s], reverse)
     return out
 
 
@@ -152,13 +183,17 @@ class _FullKL(torch.autograd.Function):
 
 
 class _FullKLFromHidden(torch.autograd.Function):
+    """Forward: ``chunk_size`` positions at a time, all of the vocabulary. Backward: all positions, vocabulary tiles
+    of as many entries as a forward chunk (``chunk_size * V / N`` columns), so the gradient of each tile of
+    ``weight`` is one product over every position (no [V, H] float32 accumulator; only [N, H] for ``hidden``)."""
+
     @staticmethod
     def forward(ctx, hidden, ref_hidden, weight, ref_weight, reverse: bool, backend: str, chunk_size: int):
         parts = []
         for i in range(0, hidden.shape[0], chunk_size):
             logits = hidden[i : i + chunk_size] @ weight.T
             ref_logits = ref_hidden[i : i + chunk_size] @ ref_weight.T
-            parts.append(_stats(logits, ref_logits, reverse, backend, chunk_size))
+            parts.append(_stats(logits, ref_logits, reverse, backend, chunk_size, owned=True))
         stats = tuple(torch.cat(column) for column in zip(*parts))
         ctx.save_for_backward(hidden, ref_hidden, weight, ref_weight, *stats)
         ctx.config = (reverse, backend, chunk_size)
@@ -168,33 +203,30 @@ class _FullKLFromHidden(torch.autograd.Function):
     def backward(ctx, grad_kl):
         hidden, ref_hidden, weight, ref_weight, *stats = ctx.saved_tensors
         reverse, backend, chunk_size = ctx.config
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[2] else None
-        for i in range(0, hidden.shape[0], chunk_size):
-            s = slice(i, i + chunk_size)
-            logits = hidden[s] @ weight.T
-            ref_logits = ref_hidden[s] @ ref_weight.T
-            chunk_stats = [t[s] for t in stats]
-            grad_logits = _grad(logits, ref_logits, chunk_stats, grad_kl[s], reverse, backend, chunk_size, out=logits)
+        positions, vocab = hidden.shape[0], weight.shape[0]
+        columns = max(1, -(-chunk_size * vocab // positions))
+        grad_kl = grad_kl.contiguous()
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[2] else None
+        # An excluded row's gradient is 0, but 0 * NaN is not: drop its hidden state (left padding can be NaN).
+        kept = torch.where(grad_kl[:, None] != 0, hidden, 0.0) if grad_weight is not None else None
+        for v in range(0, vocab, columns):
+            tile, ref_tile = weight[v : v + columns], ref_weight[v : v + columns]
+            logits, ref_logits = hidden @ tile.T, ref_hidden @ ref_tile.T  # [N, columns]
+            grad_logits = _grad(logits, ref_logits, stats, grad_kl, reverse, backend, positions, out=logits, owned=True)
             if grad_hidden is not None:
-                grad_hidden[s] = grad_logits @ weight
+                grad_hidden += grad_logits @ tile
             if grad_weight is not None:
-                # An excluded row's gradient is 0, but 0 * NaN is not: drop its hidden state (left padding can be NaN).
-                kept = torch.where(grad_kl[s, None] != 0, hidden[s], 0.0)
-                grad_weight += (grad_logits.T @ kept).float()
-        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+                grad_weight[v : v + columns] = grad_logits.T @ kept
+        grad_hidden = grad_hidden.to(hidden.dtype) if grad_hidden is not None else None
         return grad_hidden, None, grad_weight, None, None, None, None
 
 
-def _check(direction: str, chunk_size: int) -> None:
+def _check(direction: str, chunk_size: int | None, vocab: int) -> int:
+    """The chunk size to use (``rows_per_chunk(vocab)`` for None); ValueError for a bad direction or size."""
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"Unknown KL direction {direction!r}. Valid directions: {', '.join(KL_DIRECTIONS)}.")
-    try:
-        size = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
-    except TypeError:
-        size = None
-    if size is None or size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return rows_per_chunk(vocab) if chunk_size is None else check_chunk_size(chunk_size)
 
 
 def _apply_mask(kl: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -248,7 +280,7 @@ def full_vocab_kl(
     ref_logits: torch.Tensor,
     mask: torch.Tensor | None = None,
     direction: KLDirection = "reverse",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     *,
     backend: FullKLBackend = "auto",
 ) -> torch.Tensor:
@@ -263,7 +295,8 @@ def full_vocab_kl(
             exactly 0, with zero gradient, where ``mask == 0``, whatever the logits hold there.
         direction: ``"reverse"`` for KL(pi||pi_ref), ``"forward"`` for KL(pi_ref||pi).
         chunk_size: positions per chunk of the torch backend (integer >= 1); its peak extra memory is about
-            5 * chunk_size * V float32. The Triton backend needs no extra memory beyond the gradient.
+            ``BYTES_PER_ENTRY * chunk_size * V`` bytes. None: ``rows_per_chunk(V)``, i.e. ``CHUNK_BUDGET_BYTES``.
+            The Triton backend needs no extra memory beyond the gradient.
         backend: ``"auto"`` (Triton for CUDA tensors when importable, else torch), ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -274,7 +307,7 @@ def full_vocab_kl(
             averages over has mass where the other is ``-inf`` (the KL is +inf), a row is ``-inf`` everywhere,
             or logits are NaN, +inf or beyond ``MAX_ABS_LOGIT``; the message names the first such position.
     """
-    _check(direction, chunk_size)
+    chunk_size = _check(direction, chunk_size, logits.shape[-1])
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the same shape")
     backend = resolve_backend(backend, logits.device)
@@ -295,16 +328,20 @@ def full_vocab_kl_from_hidden(
     ref_weight: torch.Tensor,
     mask: torch.Tensor | None = None,
     direction: KLDirection = "reverse",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     *,
     backend: FullKLBackend = "auto",
 ) -> torch.Tensor:
     """``full_vocab_kl(hidden @ weight.T, ref_hidden @ ref_weight.T, ...)`` without ever holding the logits.
 
-    The LM-head products are done ``chunk_size`` positions at a time, forward and again in backward,
-    so peak extra memory is a few [chunk_size, V] tensors instead of [..., V] logits and their gradient.
-    Gradients flow to ``hidden`` and ``weight`` (float32-accumulated over chunks); the reference side is
-    constant. Untied LM heads with a bias are not supported: fold the bias in or use ``full_vocab_kl``.
+    The forward does the LM-head products ``chunk_size`` positions at a time; the backward recomputes them in
+    vocabulary tiles of the same number of entries over all N positions, so that each tile's weight gradient is
+    one product. Peak extra memory is about ``BYTES_PER_ENTRY * chunk_size * V`` bytes plus a float32 [N, H]
+    accumulator for ``hidden``'s gradient, instead of [..., V] logits and their gradient. LM-head work: the
+    forward's 2 products and the backward's 4 (recompute policy and reference, gradient of ``hidden`` and of
+    ``weight``), 12 * N * H * V FLOPs, against 8 * N * H * V for autograd through stored logits. Gradients flow to
+    ``hidden`` and ``weight``; the reference side is constant. Untied LM heads with a bias are not supported:
+    fold the bias in or use ``full_vocab_kl``.
 
     Args:
         hidden: policy final hidden states [..., H] (after the final norm).
@@ -323,7 +360,7 @@ def full_vocab_kl_from_hidden(
     The gradients are products in the inputs' dtype: finite while ``|dKL/dlogits| @ |weight|`` and
     ``|dKL/dlogits|.T @ |hidden|`` fit it (``|dKL/dlogits|`` is at most about the logits' spread).
     """
-    _check(direction, chunk_size)
+    chunk_size = _check(direction, chunk_size, weight.shape[0])
     if hidden.shape != ref_hidden.shape or weight.shape != ref_weight.shape or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} / ref_hidden {tuple(ref_hidden.shape)} must match, and weight "

@@ -11,6 +11,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from trl_regularizers.core.full_kl import check_chunk_size, rows_per_chunk
+
 
 def per_pair(values: torch.Tensor, name: str) -> torch.Tensor:
     """Return ``values`` as shape [B]; accepts [B] or [B, 1] and refuses anything else.
@@ -107,18 +109,97 @@ def ptx_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must hold integer token ids, got dtype {labels.dtype}")
     vocab = logits.shape[-1]
     shift_logits = logits[:, :-1].reshape(-1, vocab)
     shift_labels = labels[:, 1:].reshape(-1)
     keep = shift_labels != ignore_index
-    out_of_range = keep & ((shift_labels < 0) | (shift_labels >= vocab))
-    any_kept, any_out_of_range = torch.stack([keep.any(), out_of_range.any()]).tolist()  # one device sync
-    if any_out_of_range:
-        bad = int(shift_labels[out_of_range][0])
-        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}")
-    if not any_kept:
+    if not _check_labels(shift_labels, keep, vocab, ignore_index):
         return shift_logits[:0].float().sum()  # 0 with a (zero) gradient path, even for inf logits
     # Only the kept rows: an ignored row of -inf logits would give NaN gradients through log_softmax.
     return F.cross_entropy(shift_logits[keep].float(), shift_labels[keep])
+
+
+def _check_labels(labels: torch.Tensor, keep: torch.Tensor, vocab: int, ignore_index: int) -> bool:
+    """Whether any label is kept; ValueError for float labels or a kept id outside ``[0, vocab)`` (one device sync)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+    out_of_range = keep & ((labels < 0) | (labels >= vocab))
+    any_kept, any_out_of_range = torch.stack([keep.any(), out_of_range.any()]).tolist()
+    if any_out_of_range:
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got {int(labels[out_of_range][0])}")
+    return any_kept
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """Sum of ``logsumexp(h W^T) - (h W^T)[label]`` over rows; the gradients are computed in the forward, chunk by
+    chunk (the logits are needed there anyway), and only scaled by the upstream gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int):
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        rows = torch.arange(min(chunk_size, hidden.shape[0]), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, target = hidden[start : start + chunk_size], labels[start : start + chunk_size]
+            logits = (h @ weight.T).float()  # [C, V]
+            log_norm = logits.logsumexp(-1)
+            total += (log_norm - logits.gather(1, target[:, None])[:, 0]).sum()
+            if needs_hidden or needs_weight:
+                grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+                grad_logits[rows[: h.shape[0]], target] -= 1.0
+                grad_logits = grad_logits.to(h.dtype)
+                if needs_hidden:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ weight
+                if needs_weight:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grad_hidden = (next(saved) * grad_total).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_weight = (next(saved) * grad_total).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_nll_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``ptx_nll`` from final hidden states and the LM-head weight, never holding the [N, V] logits or their gradient.
+
+    ``mean over rows with labels != ignore_index of -log softmax(hidden @ weight.T)[label]``, the logits of
+    ``chunk_size`` rows at a time in float32 (from a product in ``weight``'s dtype). The gradients w.r.t. ``hidden``
+    and ``weight`` are computed in that same pass (no recomputation, so no second look at ``weight`` in the backward:
+    under DeepSpeed ZeRO-3 only the call needs the gathered weight). Memory is O(chunk_size * V) beyond the float32
+    gradient accumulators [N, H] and [V, H].
+
+    Args:
+        hidden: [N, H] final hidden states (after the final norm), already aligned with ``labels`` (the caller shifts).
+        weight: [V, H] LM-head weight (bias-free; the logits must be exactly ``hidden @ weight.T``).
+        labels: [N] integer token ids in ``[0, V)``, ``ignore_index`` where no loss is taken.
+        chunk_size: rows per chunk; None picks as many as fit ``core.full_kl.CHUNK_BUDGET_BYTES``.
+        ignore_index: an integer.
+
+    Returns:
+        float32 scalar (0, still attached to ``hidden``'s and ``weight``'s graphs, if no label is kept).
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, H], weight [V, H] and labels [N], got {tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(labels.shape)}")
+    vocab = weight.shape[0]
+    chunk_size = rows_per_chunk(vocab) if chunk_size is None else check_chunk_size(chunk_size)
+    keep = labels != ignore_index
+    if not _check_labels(labels, keep, vocab, ignore_index):
+        return hidden[:0].float().sum() + weight[:0].float().sum()
+    # Only the kept rows: an ignored row's hidden state may be anything (NaN padding included).
+    hidden, labels = hidden[keep].to(weight.dtype), labels[keep]
+    return _ChunkedNLL.apply(hidden, weight, labels, chunk_size) / hidden.shape[0]

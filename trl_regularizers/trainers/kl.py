@@ -17,11 +17,8 @@ from trl_regularizers.callbacks import AdaptiveKLCallback
 from trl_regularizers.core.checks import check_finite
 from trl_regularizers.core.full_kl import full_vocab_kl, full_vocab_kl_from_hidden
 from trl_regularizers.core.kl import bound_reference, kl_estimator_info, per_token_kl, unbiased_estimators
-from trl_regularizers.trainers.adapters.base import KLPlan, causal_lm
+from trl_regularizers.trainers.adapters.base import KLPlan, causal_lm, gathered, why_logits_are_not_a_product
 from trl_regularizers.trainers.records import KLRecord
-
-LOGIT_SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-"""Model-config fields that change the logits after the LM-head product: estimators that need logits refuse them."""
 
 
 def estimate_kl(record: KLRecord, estimator: str, direction: str, clamp: float | None) -> torch.Tensor:
@@ -36,14 +33,15 @@ def estimate_kl(record: KLRecord, estimator: str, direction: str, clamp: float |
         estimate = full_vocab_kl(record.logits, record.ref_logits, mask=record.mask, direction=direction)
     else:
         policy, ref = record.policy_states, record.ref_states
-        estimate = full_vocab_kl_from_hidden(
-            (policy.hidden / policy.temperature).to(policy.weight.dtype),
-            (ref.hidden.detach() / ref.temperature).to(ref.weight.dtype),
-            policy.weight,
-            ref.weight,
-            mask=record.mask,
-            direction=direction,
-        )
+        with gathered(policy.weight, ref.weight):  # ZeRO-3 (reward placement only): the partitioned heads, gathered
+            estimate = full_vocab_kl_from_hidden(
+                (policy.hidden / policy.temperature).to(policy.weight.dtype),
+                (ref.hidden.detach() / ref.temperature).to(ref.weight.dtype),
+                policy.weight,
+                ref.weight,
+                mask=record.mask,
+                direction=direction,
+            )
     return check_finite(f"KL ({estimator})", estimate * record.mask)
 
 
@@ -104,28 +102,23 @@ class KLRegularizer:
             )
 
     def _check_logits_recomputable(self) -> None:
-        """The exact KL recomputes logits as ``hidden @ W.T / temperature``: refuse setups where that is not the logits."""
-        name = type(self).__name__
-        if self.accelerator.distributed_type == DistributedType.FSDP or (
-            self.accelerator.distributed_type == DistributedType.DEEPSPEED
-            and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        ):
+        """The exact KL recomputes logits as ``hidden @ W.T / temperature`` outside the forward: refuse setups where
+        that is not the logits, or where the LM-head weight cannot be read there (see ``adapters.base.full_weight``
+        and ``gathered``)."""
+        name, estimator, state = type(self).__name__, self.args.kl_estimator, self.accelerator.state
+        if state.distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2:
             raise ValueError(
-                f"kl_estimator={self.args.kl_estimator!r} in {name} needs the whole LM-head weight outside the forward; "
-                "FSDP and DeepSpeed ZeRO-3 shard it. Use DDP or ZeRO-1/2, or a sampled-token estimator ('k2' in the loss)."
+                f"kl_estimator={estimator!r} in {name} needs the whole LM-head weight outside the forward; FSDP1 keeps it "
+                "in flat sharded parameters. Use FSDP2 (fsdp_version: 2), DDP or DeepSpeed ZeRO-1/2."
+            )
+        if state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin.zero_stage == 3 and self.args.kl_placement == "loss":
+            raise ValueError(
+                f"kl_estimator={estimator!r} with kl_placement='loss' in {name} is not supported under DeepSpeed ZeRO-3: "
+                "its gradient would reach an LM head that ZeRO-3 partitions outside the engine's forward. Use "
+                "kl_placement='reward' (the head is gathered without gradient), FSDP2, or ZeRO-1/2."
             )
         models = [self.model] if self.ref_model is None else [self.model, self.ref_model]
         for model in map(causal_lm, map(self.accelerator.unwrap_model, models)):
-            head = model.get_output_embeddings()
-            if type(head) is not torch.nn.Linear or head.bias is not None:
-                raise ValueError(
-                    f"kl_estimator={self.args.kl_estimator!r} in {name} needs a plain bias-free nn.Linear LM head, got "
-                    f"{head!r} (an adapter on the LM head or a bias would be left out of the recomputed logits)."
-                )
-            config = model.config.get_text_config()
-            for attribute in LOGIT_SCALING_ATTRIBUTES:
-                if getattr(config, attribute, None) not in (None, 1.0):
-                    raise ValueError(
-                        f"kl_estimator={self.args.kl_estimator!r} in {name} does not support models whose config sets "
-                        f"{attribute}={getattr(config, attribute)!r}: the recomputed logits would miss that scaling."
-                    )
+            reason = why_logits_are_not_a_product(model)
+            if reason is not None:
+                raise ValueError(f"kl_estimator={estimator!r} in {name} recomputes the logits as hidden @ W.T, but {reason}.")

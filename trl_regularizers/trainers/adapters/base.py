@@ -4,7 +4,9 @@
 state. ``OnlineAdapter`` (GRPO, RLOO): records the per-token log-prob calls both trainers make through
 ``_get_per_token_logps_and_entropies`` (called with ``model, input_ids, attention_mask, logits_to_keep`` as its
 first positional arguments and returning ``(logps, entropies, aux)`` in every supported TRL; 1.14 declares them
-as ``*args``), with the final hidden states when an estimator needs the whole distribution.
+as ``*args``), with the final hidden states when an estimator needs the whole distribution. The LM head read outside
+its forward, as TRL reads its fused head (docs/trl_internals.md §1.5): ``why_logits_are_not_a_product``,
+``full_weight`` (FSDP2), ``gathered`` (ZeRO-3), ``run_inside_forward``.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor, Partial
 from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from trl_regularizers.data import check_dataset
@@ -30,9 +34,80 @@ TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA = hasattr(Trainer, "loss_is_scaled_for_ga")
 """transformers >= 5.19 reads ``Trainer.loss_is_scaled_for_ga``; older versions ignore the attribute."""
 
 
+LOGIT_SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+"""Model-config fields that change the logits after the LM-head product (the ones TRL 1.16's fused head reads,
+trl/trainer/utils.py L1578-1593): with any of them set, the logits are not ``hidden @ W.T``."""
+
+
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The ``*ForCausalLM`` module inside a PEFT wrapper (or ``model`` itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def why_logits_are_not_a_product(model: torch.nn.Module) -> str | None:
+    """None when the logits of the causal LM ``model`` are exactly ``final hidden @ lm_head.weight.T``; else why not
+    (an LM head that is not a bias-free ``nn.Linear``, e.g. a bias or a PEFT adapter on it, or a logit scaling)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return f"its LM head is {head!r}, not a bias-free nn.Linear (a bias or an adapter on it would be left out)"
+    config = model.config.get_text_config()
+    for attribute in LOGIT_SCALING_ATTRIBUTES:
+        if getattr(config, attribute, None) not in (None, 1.0):
+            return f"its config sets {attribute}={getattr(config, attribute)!r}, which changes the logits after the LM head"
+    return None
+
+
+def full_weight(weight: torch.Tensor, trainable: bool) -> torch.Tensor:
+    """``weight`` as a whole tensor: FSDP2 shows a sharded parameter as a ``DTensor`` (a root module's parameters stay
+    unsharded after its forward, a separately wrapped LM head does not). Trainable: gradients reach the shards.
+
+    TRL 1.16 gathers its fused head with ``full_tensor()`` (trl/trainer/utils.py L1636-1637), whose gradient placement
+    defaults to Replicate: each rank would keep its own, unreduced gradient. The gradient is declared ``Partial("avg")``
+    here, so the backward reduce-scatters it and averages over ranks as FSDP2 does for every other gradient.
+    """
+    if not isinstance(weight, DTensor):
+        return weight  # not detached: a detached alias of a ZeRO-3 parameter would miss its gathered values
+    if not trainable:
+        return weight.detach().full_tensor()
+    return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+
+
+def gathered(*params: torch.Tensor) -> AbstractContextManager:
+    """Under DeepSpeed ZeRO-3, a block in which the partitioned ``params`` hold their full values (read only), as
+    TRL's ``maybe_gather_lm_head_ctx`` gathers its fused head (trl/trainer/utils.py L200-233 in 1.16, L189 in 1.12):
+    each parameter once, skipping those already available (a tied head that ``embed_tokens`` holds). Otherwise a
+    null context."""
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = {id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}
+    return deepspeed.zero.GatheredParameters(list(partitioned.values())) if partitioned else nullcontext()
+
+
+def run_inside_forward(wrapped: torch.nn.Module, module: torch.nn.Module, method: Callable, *args):
+    """``method(*args)`` run as the forward of ``module``, called through its distributed wrapper ``wrapped``: the
+    wrapper's hooks run around it (DDP prepares the gradient sync, FSDP2 unshards the root's parameters). The "forward
+    redirection" TRL uses for its fused losses (``trl/models/utils.py`` L330 in 1.12, L345 in 1.16)."""
+    patched = "forward" in vars(module)  # e.g. TRL 1.16's fused head or accelerate's autocast wrapper
+    original = module.forward
+
+    def restore():
+        if patched:
+            module.forward = original
+        else:
+            vars(module).pop("forward", None)
+
+    def redirected(*inner_args):
+        restore()
+        return method(*inner_args)
+
+    module.forward = redirected
+    try:
+        return wrapped(*args)
+    finally:
+        restore()
 
 
 class TrainerAdapter:
@@ -57,6 +132,10 @@ class TrainerAdapter:
     def language_model(self) -> torch.nn.Module:
         """The policy's causal LM (PPO's adapter skips its value head)."""
         return self.model
+
+    def lm_head_weight(self, model: torch.nn.Module, trainable: bool = True) -> torch.Tensor:
+        """The LM-head weight of ``model`` as a whole tensor (``full_weight``); under ZeRO-3, read it in ``gathered``."""
+        return full_weight(causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight, trainable)
 
     def trainer_divides_by_ga(self) -> bool:
         """True when the HF Trainer divides ``compute_loss``'s result by the GA steps (docs/trl_internals.md §1.1):
@@ -217,6 +296,3 @@ class OnlineAdapter(TrainerAdapter):
             yield recorded
         finally:
             handle.remove()
-
-    def lm_head_weight(self, model: torch.nn.Module) -> torch.Tensor:
-        return causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings().weight

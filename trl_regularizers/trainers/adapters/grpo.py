@@ -129,7 +129,8 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
         policy = calls[0]
         ref_states = None
         if plan.needs_states:
-            ref_states = HiddenStates(inputs[REF_HIDDEN_KEY], self.lm_head_weight(self.model if self.ref_model is None else self.ref_model), self.temperature)
+            ref_weight = self.lm_head_weight(self.model if self.ref_model is None else self.ref_model, trainable=False)
+            ref_states = HiddenStates(inputs[REF_HIDDEN_KEY], ref_weight, self.temperature)
         record = KLRecord(policy.logps, ref_logps, mask, policy.states, ref_states)
         estimate = self.kl_penalty(record, logged_by_trl=plan.native)
         if plan.native:

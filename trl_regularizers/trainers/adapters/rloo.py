@@ -59,6 +59,7 @@ class RLOOAdapter(OnlineAdapter, RLOOTrainer):
         policy, mask = calls[0], inputs["completion_mask"]
         ref_states = None
         if plan.needs_states:
-            ref_states = HiddenStates(inputs[REF_HIDDEN_KEY], self.lm_head_weight(self.model if self.ref_model is None else self.ref_model), self.temperature)
+            ref_weight = self.lm_head_weight(self.model if self.ref_model is None else self.ref_model, trainable=False)
+            ref_states = HiddenStates(inputs[REF_HIDDEN_KEY], ref_weight, self.temperature)
         estimate = self.kl_penalty(KLRecord(policy.logps, inputs["ref_per_token_logps"], mask, policy.states, ref_states), logged_by_trl=False)
         return loss + self.scale_like_parent_loss(self.beta * estimate.sum(-1).mean())
