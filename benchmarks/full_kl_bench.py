@@ -1,6 +1,11 @@
 """Microbenchmark of the exact full-vocabulary KL on a CUDA GPU: naive eager, chunked eager, torch.compile, ours.
 
     python benchmarks/full_kl_bench.py --rows 8192 --vocab 151936 --json out.json
+    python benchmarks/full_kl_bench.py --profile cpu      # the hidden-state variant only, torch backend, seconds
+
+The hidden-state variant (``--hidden-rows`` positions of size ``--hidden-size``) also times the LM-head floor: the
+4 products autograd needs with stored logits (policy and reference logits forward, gradient of hidden and of the
+weight backward, 8 * N * H * V FLOPs), and reports each variant's time over it.
 
 Inputs are bf16 policy/reference logits (reference = policy + noise, so the KL is of realistic size).
 "fwd" times the KL values; "fwd+bwd" also the gradient w.r.t. the policy logits. "extra GiB" is the
@@ -15,14 +20,35 @@ import json
 import platform
 import time
 
+import statistics
+
 import torch
-import triton
-from triton.testing import do_bench
 
 from trl_regularizers.core.full_kl import full_vocab_kl, full_vocab_kl_from_hidden
-from trl_regularizers.kernels import full_kl_triton
 
 GIB = 2**30
+PROFILES = {
+    "h100": dict(),  # the defaults of the arguments: Qwen2-0.5B's vocabulary and hidden size, 8 x 4096 positions
+    "cpu": dict(hidden_rows=512, hidden_size=64, vocab=8192),
+}
+
+
+def do_bench(fn, warmup=25, rep=200, return_mode="median"):
+    """Triton's ``do_bench`` on CUDA (imported on first use: this file also runs without Triton)."""
+    from triton.testing import do_bench as triton_do_bench
+
+    return triton_do_bench(fn, warmup=warmup, rep=rep, return_mode=return_mode)
+
+
+def cpu_bench(fn, repeats: int = 3) -> float:
+    """Median milliseconds of ``fn()`` on the CPU (one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def naive_kl(logits, ref_logits, reverse=True):
@@ -89,6 +115,8 @@ def accuracy(rows: int, vocab: int, device="cuda") -> dict:
 
 
 def sweep(z, r):
+    from trl_regularizers.kernels import full_kl_triton
+
     rows = []
     for block in (2048, 4096, 8192, 16384):
         for warps in (4, 8, 16):
@@ -109,6 +137,7 @@ def sweep(z, r):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="h100", help="cpu: the hidden-state variant only")
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden-rows", type=int, default=32768, help="positions for the hidden-state variant (0: skip)")
@@ -117,6 +146,19 @@ def main():
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    for name, value in PROFILES[args.profile].items():
+        setattr(args, name, value)
+    if args.profile == "cpu":
+        report = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "vocab": args.vocab, "hidden": hidden_variant(args.hidden_rows, args.hidden_size, args.vocab)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        print(json.dumps(report, indent=1))
+        return
+    import triton
+
+    from trl_regularizers.kernels import full_kl_triton
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -173,40 +215,55 @@ def main():
 
 
 def hidden_variant(rows: int, size: int, vocab: int) -> dict:
-    """Peak extra memory and time of KL + gradients from hidden states vs. materialized logits + Triton KL."""
+    """Time (and on CUDA peak extra memory) of KL + gradients from hidden states vs. materialized logits, and the
+    LM-head floor; bf16 with the Triton backend on CUDA, float32 with the torch backend on the CPU."""
+    on_gpu = torch.cuda.is_available()
+    device, dtype, backend = ("cuda", torch.bfloat16, "triton") if on_gpu else ("cpu", torch.float32, "torch")
+    timer = (lambda fn: do_bench(fn, warmup=3, rep=30, return_mode="median")) if on_gpu else cpu_bench
     torch.manual_seed(2)
-    h = torch.randn(rows, size, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    h_ref = (h.detach() + 0.1 * torch.randn_like(h)).to(torch.bfloat16)
-    w = (0.05 * torch.randn(vocab, size, device="cuda")).to(torch.bfloat16).requires_grad_()
-    w_ref = (w.detach() + 0.005 * torch.randn_like(w)).to(torch.bfloat16)
+    h = torch.randn(rows, size, device=device, dtype=dtype).requires_grad_()
+    h_ref = (h.detach() + 0.1 * torch.randn_like(h)).to(dtype)
+    w = (0.05 * torch.randn(vocab, size, device=device)).to(dtype).requires_grad_()
+    w_ref = (w.detach() + 0.005 * torch.randn_like(w)).to(dtype)
 
     def from_hidden(chunk_size):
-        kl = full_vocab_kl_from_hidden(h, h_ref, w, w_ref, backend="triton", chunk_size=chunk_size)
+        kl = full_vocab_kl_from_hidden(h, h_ref, w, w_ref, backend=backend, chunk_size=chunk_size)
         return kl, torch.autograd.grad(kl.sum(), (h, w))
 
     def materialized():
-        kl = full_vocab_kl(h @ w.T, h_ref @ w_ref.T, backend="triton")
+        kl = full_vocab_kl(h @ w.T, h_ref @ w_ref.T, backend=backend)
         return kl, torch.autograd.grad(kl.sum(), (h, w))
 
-    out = {"rows": rows, "hidden_size": size}
+    def floor():
+        """The LM-head products alone: 2 forward, 2 backward (the gradient reuses one [N, V] buffer)."""
+        with torch.no_grad():
+            logits = h @ w.T
+            h_ref @ w_ref.T
+            return logits @ w, logits.T @ h
+
+    out = {"rows": rows, "hidden_size": size, "backend": backend, "dtype": str(dtype), "floor_ms": timer(floor)}
     results = {}
-    for name, fn in (("from_hidden (chunk 1024)", lambda: from_hidden(1024)), ("from_hidden (chunk 4096)", lambda: from_hidden(4096)),
-                     ("materialized logits + triton", materialized)):
+    variants = (("from_hidden (default chunk)", lambda: from_hidden(None)), ("from_hidden (chunk 1024)", lambda: from_hidden(1024)),
+                ("materialized logits", materialized))
+    for name, fn in variants:
         kl, grads = fn()
         results[name] = (kl.detach(), [g.detach() for g in grads])
         del kl, grads
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        kl, grads = fn()
-        torch.cuda.synchronize()
-        outputs = kl.numel() * 4 + sum(g.numel() * g.element_size() for g in grads)
-        extra = (torch.cuda.max_memory_allocated() - base - outputs) / GIB
-        del kl, grads
-        ms = do_bench(fn, warmup=3, rep=30, return_mode="median")
-        out[name] = {"fwd_bwd_ms": ms, "extra_GiB": extra}
-        print(f"{name:32s} fwd+bwd {ms:8.2f} ms  extra {extra:6.2f} GiB", flush=True)
+        extra = None
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            kl, grads = fn()
+            torch.cuda.synchronize()
+            outputs = kl.numel() * 4 + sum(g.numel() * g.element_size() for g in grads)
+            extra = (torch.cuda.max_memory_allocated() - base - outputs) / GIB
+            del kl, grads
+        ms = timer(fn)
+        out[name] = {"fwd_bwd_ms": ms, "over_floor": ms / out["floor_ms"], "extra_GiB": extra}
+        memory = f"  extra {extra:6.2f} GiB" if extra is not None else ""
+        print(f"{name:32s} fwd+bwd {ms:8.2f} ms  ({ms / out['floor_ms']:.2f}x the LM-head floor){memory}", flush=True)
     (kl_a, g_a), _, (kl_b, g_b) = results.values()
     out["kl_max_abs_diff"] = (kl_a - kl_b).abs().max().item()
     out["grad_hidden_max_abs_diff"] = (g_a[0].float() - g_b[0].float()).abs().max().item()

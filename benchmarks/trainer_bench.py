@@ -3,14 +3,16 @@
     python benchmarks/trainer_bench.py --profile cpu                  # tiny model, any machine
     python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
     python benchmarks/trainer_bench.py --profile cpu --specs grpo,grpo_k2,grpo_full
-    python benchmarks/trainer_bench.py --profile cpu --specs dpo_ptx   # + the ptx batch's forward+backward alone
+    python benchmarks/trainer_bench.py --profile cpu --specs dpo_ptx,dpo_ptx_logits   # + the ptx batch's fwd+bwd alone
     .venv-trl112/bin/python benchmarks/trainer_bench.py --ppo stock --json stock.json   # PPO: one side per TRL
     .venv/bin/python benchmarks/trainer_bench.py --ppo ours --json ours.json             # (stock needs TRL 1.12)
 
 Each spec is a pair (stock, ours) of (trainer class, config class, extra config fields). Both start from the
 same saved model and data; they run in alternating order for ``--rounds`` rounds (stock first, then ours
-first, ...), and the first ``--warmup`` steps of each run are dropped. Step time is measured around each
-optimizer step (CUDA-synchronized); peak memory is ``torch.cuda.max_memory_allocated`` over the run (GPU only).
+first, ...; default: the profile's, 5 on ``h100``), and the first ``--warmup`` steps of each run are dropped. Step
+time is measured around each optimizer step (CUDA-synchronized); peak memory is ``torch.cuda.max_memory_allocated``
+over the run (GPU only). Each round gives one ratio (median step time of ours over stock's); the report gives their
+median and a 95% bootstrap interval, so a ratio inside the machine's noise shows as an interval around 1.
 For ptx specs the harness also times one forward+backward of a ptx batch alone on the same model, and reports
 ``ptx_cost_ratio = (ours - stock) / that``: the issue's target is <= 1.05.
 """
@@ -36,8 +38,8 @@ from trl_regularizers.testing import byte_tokenizer, make_tiny_causal_lm
 
 PROFILES = {
     # batch = per_device_train_batch_size pairs; prompt + completion bytes = tokens of the byte tokenizer
-    "cpu": dict(batch=2, prompt_len=24, completion_len=40, steps=8, model="tiny"),
-    "h100": dict(batch=8, prompt_len=256, completion_len=512, steps=12, model="qwen2-0.5b"),
+    "cpu": dict(batch=2, prompt_len=24, completion_len=40, steps=8, rounds=2, model="tiny"),
+    "h100": dict(batch=8, prompt_len=256, completion_len=512, steps=12, rounds=5, model="qwen2-0.5b"),
 }
 
 
@@ -46,6 +48,7 @@ class Side:
     trainer: str  # "trl.DPOTrainer" or "trl_regularizers.RegularizedDPOTrainer"
     config: str
     fields: dict = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)  # set on the trainer after construction
 
 
 @dataclass
@@ -63,6 +66,8 @@ SPECS = {
     "dpo_nll": Spec(STOCK_DPO, Side(*OURS_DPO, {"nll_alpha": 0.2}), "DPO+NLL (eq. 7-8), target <= 1.02x"),
     "dpo_margin": Spec(STOCK_DPO, Side(*OURS_DPO, {"margin_source": "rating"}), "margins from ratings, target <= 1.02x"),
     "dpo_ptx": Spec(STOCK_DPO, Side(*OURS_DPO, {"ptx_coef": 0.5}), "ptx mixing, target <= 1.05x the ptx forward+backward"),
+    "dpo_ptx_logits": Spec(STOCK_DPO, Side(*OURS_DPO, {"ptx_coef": 0.5}, {"ptx_from_hidden_states": False}),
+                           "ptx mixing through [B, T, V] logits (the fallback path), for the memory of dpo_ptx"),
     "dpo_sft_stock": Spec(STOCK_DPO, Side("trl.DPOTrainer", "trl.DPOConfig", {"loss_type": ["sigmoid", "sft"]}), "TRL's own sft term, for scale"),
 }
 STOCK_GRPO = Side("trl.GRPOTrainer", "trl.GRPOConfig", {"beta": 0.04})
@@ -71,6 +76,8 @@ SPECS |= {
     "grpo": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04}), "defaults (k3 in the loss): must match stock", "grpo"),
     "grpo_k2": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "k2"}), "k2 in the loss", "grpo"),
     "grpo_full": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "full"}), "exact full-vocab KL in the loss", "grpo"),
+    "grpo_full_reward": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "full", "kl_placement": "reward"}),
+                             "exact full-vocab KL in the reward", "grpo"),
 }
 
 
@@ -187,6 +194,8 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
     trainer = load(side.trainer)(
         model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer(), callbacks=[timer], **task_inputs
     )
+    for name, value in side.attributes.items():
+        setattr(trainer, name, value)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -198,6 +207,13 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
     if on_gpu:
         torch.cuda.empty_cache()
     return {"times": timer.times, "peak_GiB": peak, "losses": losses}
+
+
+def spread(ratios: list[float], resamples: int = 2000) -> dict:
+    """Median of the per-round ratios and a 95% bootstrap interval of that median."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"median": statistics.median(ratios), "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]], "rounds": ratios}
 
 
 def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dict, rounds: int, warmup: int) -> dict:
@@ -214,11 +230,14 @@ def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dic
         result[which] = {"median_s": statistics.median(times), "steps": len(times), "peak_GiB": max(peaks) if peaks else None,
                          "first_losses": results[0]["losses"][:3]}
     result["time_ratio"] = result["ours"]["median_s"] / result["stock"]["median_s"]
+    result["time_ratio_per_round"] = spread([statistics.median(o["times"][warmup:]) / statistics.median(s["times"][warmup:])
+                                             for s, o in zip(runs["stock"], runs["ours"])])
     if spec.ours.fields.get("ptx_coef"):
         result["ptx_alone_s"] = time_ptx_alone(model_path, profile, repeats=2 * profile["steps"])
         result["ptx_cost_ratio"] = (result["ours"]["median_s"] - result["stock"]["median_s"]) / result["ptx_alone_s"]
     if result["stock"]["peak_GiB"]:
         result["memory_ratio"] = result["ours"]["peak_GiB"] / result["stock"]["peak_GiB"]
+        result["memory_ratio_per_round"] = spread([o["peak_GiB"] / s["peak_GiB"] for s, o in zip(runs["stock"], runs["ours"])])
     return result
 
 
@@ -289,7 +308,7 @@ def main():
     parser.add_argument("--ppo", choices=["stock", "ours"], default=None, help="time one side of the PPO spec instead of --specs")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from: {', '.join(SPECS)}")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: the profile's)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the profile's)")
     parser.add_argument("--json", default=None)
@@ -300,6 +319,7 @@ def main():
     profile = dict(PROFILES[args.profile])
     if args.steps:
         profile["steps"] = args.steps
+    args.rounds = args.rounds or profile["rounds"]
     import trl
 
     if args.ppo:
@@ -324,8 +344,9 @@ def main():
             if "ptx_cost_ratio" in result:
                 print(f"{name:14s} ptx forward+backward alone {result['ptx_alone_s']:.4f} s, added cost / that = {result['ptx_cost_ratio']:.3f}")
             memory = f"  peak {result['stock']['peak_GiB']:.2f} -> {result['ours']['peak_GiB']:.2f} GiB ({result['memory_ratio']:.3f}x)" if "memory_ratio" in result else ""
+            low, high = result["time_ratio_per_round"]["ci95"]
             print(f"{name:14s} step {result['stock']['median_s']:.4f} -> {result['ours']['median_s']:.4f} s "
-                  f"({result['time_ratio']:.3f}x){memory}   [{result['note']}]", flush=True)
+                  f"({result['time_ratio_per_round']['median']:.3f}x, 95% [{low:.3f}, {high:.3f}]){memory}   [{result['note']}]", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
