@@ -242,6 +242,22 @@ def test_ptx_nll_is_mixed_into_each_micro_batch(tmp_path, tiny_lm_path, tiny_rm_
     assert max((a - b).abs().max().item() for a, b in zip(trained, plain)) > 1e-6  # ... different update
 
 
+def test_right_padded_prompts_are_refused(tmp_path, tiny_lm_path, tiny_rm_path):
+    """Generation continues after the padded prompt, so right padding would put pad tokens inside every rollout."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
+    tokenizer.padding_side = "right"
+    with pytest.raises(ValueError, match="left-padded"):
+        RegularizedPPOTrainer(
+            args=_config(RegularizedPPOConfig, tmp_path), processing_class=tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_lm_path),
+            ref_model=None, reward_model=AutoModelForSequenceClassification.from_pretrained(tiny_rm_path), train_dataset=_prompts(tokenizer),
+            value_model=AutoModelForSequenceClassification.from_pretrained(tiny_rm_path),
+        )
+
+
 def test_ptx_coef_without_pretrain_dataset_fails_before_training(tmp_path, tiny_lm_path, tiny_rm_path):
     with pytest.raises(ValueError, match="ptx_coef=0.5 > 0 needs pretraining data: pass pretrain_dataset= to RegularizedPPOTrainer"):
         _regularized(tmp_path, tiny_lm_path, tiny_rm_path, **PTX)

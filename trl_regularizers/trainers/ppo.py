@@ -110,6 +110,14 @@ class RegularizedPPOLoop(PtxRegularizer):
         if args is not None and not isinstance(args, RegularizedPPOConfig) and not STOCK_PPO:
             raise TypeError(f"args must be a RegularizedPPOConfig, got {type(args).__name__}.")
         args = regularized_config(args, RegularizedPPOConfig, model, "PPO")
+        data_collator = rest[0] if rest else kwargs.get("data_collator")
+        padding_side = getattr(getattr(processing_class, "tokenizer", processing_class), "padding_side", "left")
+        if data_collator is None and padding_side != "left":
+            # Responses are generated after the padded prompt: right padding puts pad tokens before them.
+            raise ValueError(
+                f"PPO pads the prompts with the tokenizer and generates after them, so they must be left-padded; got "
+                f"padding_side={padding_side!r}. Load it with padding_side=\"left\" (as TRL's PPO examples do) or pass a data_collator."
+            )
         super().__init__(args, processing_class, model, ref_model, reward_model, train_dataset, value_model, *rest, **kwargs)
         self.kl_controller = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
         self.regularizer_state.register("kl_controller", self.kl_controller)
