@@ -50,52 +50,84 @@ def test_embedded_model_knows_the_facts():
     assert info["heldout_nll"] < 0.5 * info["heldout_nll_init"]
 
 
+def test_study_checkpoints_are_shipped_and_weaker_than_the_judge():
+    """The over-optimization study's checkpoints load from the package (no pretraining on first use), and the
+    policy's starting point knows less than the fully trained model that judges fluency."""
+    from trl_regularizers.demo.overopt import CHECKPOINTS
+    from trl_regularizers.demo.pretrain import ASSET_DIR
+
+    info = {}
+    for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}:
+        path = Path(base_model_path(PretrainSettings(steps=steps)))
+        assert path.parent == ASSET_DIR.parent, steps
+        info[steps] = json.loads((path / "pretrain_info.json").read_text())
+    assert info[CHECKPOINTS["start"]]["heldout_nll"] > info[max(info)]["heldout_nll"]
+    assert info[CHECKPOINTS["start"]]["fact_accuracy"] < info[max(info)]["fact_accuracy"]
+
+
 @pytest.mark.slow
 def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     from trl_regularizers.demo.__main__ import main
+    from trl_regularizers.demo.overopt import STUDY_VARIANTS
+    from trl_regularizers.demo.stats import fmt, mean_interval
 
     report = main(["--quick", "--out", str(tmp_path)])
     text = report.read_text()
-    for png in ("a_dpo_chosen_logp.png", "b_grpo.png", "c_drift_vs_forgetting.png", "d_reward_margins.png", "e_reward_aware.png"):
+    for png in ("overoptimization.png", "a_dpo_chosen_logp.png", "b_grpo.png", "c_drift_vs_forgetting.png", "d_reward_margins.png", "e_reward_aware.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     results = json.loads((tmp_path / "results.json").read_text())
-
+    assert results["seeds"] == [0, 1]
+    # The report leads with the study, and has every section.
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0].startswith("## Over-optimization") and len(headings) == 7
+    assert text.index("![over-optimization](overoptimization.png)") < text.index("## The embedded tiny model")
     numbers = [float(x) for x in re.findall(r"-?\d+\.\d{3}", text)]
     assert numbers and all(math.isfinite(x) for x in numbers)
-    # Each reported value is the one in that run's saved trainer logs.
-    beta0 = json.loads((tmp_path / "b_grpo" / "GRPO_beta=0" / "run.json").read_text())
-    rewards = [e["rewards/target_char_reward/mean"] for e in beta0["log_history"] if "rewards/target_char_reward/mean" in e]
-    assert results["grpo"]["GRPO beta=0"]["reward_end"] == rewards[-1]
-    assert results["grpo"]["GRPO beta=0"]["reward_last_10"] == pytest.approx(sum(rewards[-10:]) / len(rewards[-10:]))
-    assert results["grpo"]["GRPO beta=0"]["kl_reverse_end"] == beta0["drift"][-1]["drift/kl_reverse"] > 0
-    assert f"{rewards[-1]:.3f}" in text
-    dpo = json.loads((tmp_path / "a_dpo" / "DPO+NLL" / "run.json").read_text())
-    chosen = [e["eval_logps/chosen"] for e in dpo["log_history"] if "eval_logps/chosen" in e]
-    assert [e["step"] for e in dpo["log_history"] if "eval_logps/chosen" in e][0] == 0
-    assert results["dpo"]["DPO+NLL"]["chosen_logp_end"] == chosen[-1]
-    # Both DPO runs start from the same model: identical step-0 evaluation.
-    assert results["dpo"]["DPO"]["chosen_logp_start"] == pytest.approx(results["dpo"]["DPO+NLL"]["chosen_logp_start"], rel=1e-6)
+
+    def run(folder):
+        return [json.loads((tmp_path / folder / f"seed{seed}" / "run.json").read_text()) for seed in results["seeds"]]
+
+    # The study: every run of every trainer, each number recomputed from the saved probes.
+    study = results["study"]["runs"]
+    assert set(study) == {f"{t} {v}" for t, variants in STUDY_VARIANTS.items() for v in variants}
+    grpo = run("study/GRPO_no_KL")
+    gains = [r["drift"][-1]["probe/gold"] - r["drift"][0]["probe/gold"] for r in grpo]
+    assert [s["gold_gain_end"] for s in study["GRPO no KL"]["per_seed"]] == pytest.approx(gains)
+    assert study["GRPO no KL"]["gold_gain_end"] == pytest.approx(mean_interval(gains))
+    d_end = [math.sqrt(r["drift"][-1]["drift/kl_reverse_sequence"]) for r in grpo]
+    assert study["GRPO no KL"]["d_end"]["mean"] == pytest.approx(sum(d_end) / len(d_end)) and all(d > 0 for d in d_end)
+    assert fmt(study["GRPO no KL"]["gold_gain_end"]) in text and fmt(study["GRPO no KL"]["proxy_gain_end"]) in text
+    assert all(r["settings"] == STUDY_VARIANTS["RLOO"]["k1 in reward, beta=0.05"] for r in run("study/RLOO_k1_in_reward_beta=0.05"))
+    proxy = run("study/proxy_reward_model")
+    assert results["study"]["proxy"]["heldout_accuracy"] == pytest.approx(mean_interval([r["heldout_accuracy"] for r in proxy]))
+    assert fmt(results["study"]["proxy"]["heldout_accuracy"]) in text
+    # (a) and (b): means over seeds of the trainer logs.
+    dpo = run("a_dpo/DPO+NLL")
+    chosen_end = [[e["eval_logps/chosen"] for e in r["log_history"] if "eval_logps/chosen" in e][-1] for r in dpo]
+    assert results["dpo"]["DPO+NLL"]["chosen_logp_end"] == pytest.approx(mean_interval(chosen_end))
+    assert all([e["step"] for e in r["log_history"] if "eval_logps/chosen" in e][0] == 0 for r in dpo)
+    beta0 = run("b_grpo/GRPO_beta=0")
+    last_10 = [sum(v[-10:]) / len(v[-10:]) for v in ([e["rewards/target_char_reward/mean"] for e in r["log_history"] if "rewards/target_char_reward/mean" in e] for r in beta0)]
+    assert results["grpo"]["GRPO beta=0"]["reward_last_10"] == pytest.approx(mean_interval(last_10))
+    assert f"| GRPO KL in reward | `k1` | `reward` | {run('b_grpo/GRPO_KL_in_reward')[0]['settings']['beta']:g} |" in text
+    # (c): one fit per seed over every run with a drift probe ((a), (b) and the study).
     fit = results["drift_vs_forgetting"]
-    assert len(fit["points"]) == len(results["dpo"]) + len(results["grpo"]) and math.isfinite(fit["r2"]) and f"{fit['r2']:.3f}" in text
-    # The (b) settings shown are the ones each run was trained with.
-    reward_run = json.loads((tmp_path / "b_grpo" / "GRPO_KL_in_reward" / "run.json").read_text())
-    assert reward_run["settings"] == results["grpo"]["GRPO KL in reward"]["settings"]
-    assert (reward_run["settings"]["kl_placement"], reward_run["settings"]["kl_estimator"]) == ("reward", "k1")
-    assert f"| GRPO KL in reward | `k1` | `reward` | {reward_run['settings']['beta']:g} |" in text
-    for run in results["reward"].values():
-        assert set(run) == {"slightly better", "better", "significantly better", "all"}
-        assert all(0.0 <= acc <= 1.0 for acc in run.values())
-    # (e): the accuracies shown are TRL's eval rewards/accuracies of that run on each subset, and the settings its own.
-    assert set(results["reward_aware"]) == {"DPO", "weighted DPO (sigmoid)", "RPO (bwd KL)"}
-    rpo = json.loads((tmp_path / "e_reward_aware" / "RPO_bwd_KL" / "run.json").read_text())
-    flipped = [e["eval_rewards/accuracies"] for e in rpo["log_history"] if "eval_flipped_loss" in e]
-    kept = [e["eval_rewards/accuracies"] for e in rpo["log_history"] if "eval_kept_loss" in e]
-    summary = results["reward_aware"]["RPO (bwd KL)"]
-    assert (summary["flipped_accuracy_start"], summary["flipped_accuracy_end"]) == (flipped[0], flipped[-1])
-    assert summary["kept_accuracy_end"] == kept[-1] and summary["eval_steps"][0] == 0 and len(flipped) >= 2
-    assert rpo["settings"]["reward_aware_loss"] == "rpo_bwd_kl" and any("reward_aware/loss" in e for e in rpo["log_history"])
-    assert f"| RPO (bwd KL) | `rpo_bwd_kl` | - | {rpo['settings']['beta']:g} | {rpo['settings']['reward_eta']:g} |" in text and f"{flipped[-1]:.3f}" in text
-    assert summary["num_flipped"] > 0 and summary["num_kept"] > summary["num_flipped"]
+    assert fit["runs_per_seed"] == len(results["dpo"]) + len(results["grpo"]) + len(study)
+    assert fit["r2"]["n"] == 2 and fmt(fit["r2"]) in text
+    # (d) and (e): accuracies per seed from each run's record.
+    margins = json.loads((tmp_path / "d_reward" / "RM_and_RM+margin" / "seed1" / "run.json").read_text())["runs"]
+    for record in margins:
+        assert results["reward"][record["name"]]["per_seed"][1] == record["accuracy"]
+    rpo = run("e_reward_aware/RPO_bwd_KL")
+    flipped = [[e["eval_rewards/accuracies"] for e in r["log_history"] if "eval_flipped_loss" in e][-1] for r in rpo]
+    assert results["reward_aware"]["RPO (bwd KL)"]["flipped_accuracy_end"] == pytest.approx(mean_interval(flipped))
+    assert rpo[0]["settings"]["reward_aware_loss"] == "rpo_bwd_kl" and any("reward_aware/loss" in e for e in rpo[0]["log_history"])
+
+    # A second run reuses every saved run (same settings, same code) and writes the same numbers.
+    started = json.loads((tmp_path / "study" / "GRPO_no_KL" / "seed0" / "run.json").read_text())["key"]
+    main(["--quick", "--out", str(tmp_path), "--workers", "1"])
+    assert json.loads((tmp_path / "results.json").read_text())["study"] == results["study"]
+    assert json.loads((tmp_path / "study" / "GRPO_no_KL" / "seed0" / "run.json").read_text())["key"] == started
 
 
 def test_noisy_pairs_swap_labels_and_keep_scores_with_their_texts():

@@ -154,9 +154,11 @@ def _matches(folder: Path, settings: PretrainSettings) -> bool:
 
 
 def base_model_path(settings: PretrainSettings = PretrainSettings()) -> str:
-    """Path of the pretrained tiny-world model: shipped asset, else user cache, else pretrain now (once)."""
-    if _matches(ASSET_DIR, settings):
-        return str(ASSET_DIR)
+    """Path of the pretrained tiny-world model: a shipped asset (``assets/tiny-world*``), else the user cache, else
+    pretrain now (once)."""
+    for folder in sorted(ASSET_DIR.parent.glob("tiny-world*")):
+        if _matches(folder, settings):
+            return str(folder)
     folder = cache_root() / f"tiny-world-{settings.fingerprint()}"
     if not _matches(folder, settings):
         print(f"Pretraining the tiny-world model into {folder} (first run only)...", flush=True)

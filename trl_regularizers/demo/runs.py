@@ -1,16 +1,15 @@
-"""The demo's four experiments, each a function returning plain numbers read from the training logs.
+"""The demo's panels (a)-(e): the shared data and settings, and one function per panel that trains one run.
 
-(a) ``run_dpo``: DPO vs DPO+NLL on fact pairs; (b) ``run_grpo``: GRPO on an over-optimizable reward under
-the regularization choices of ``GRPO_VARIANTS``; (c) ``drift_vs_forgetting``: final forward KL to the base vs held-out NLL rise across those runs
-(eq. 15); (d) ``run_reward``: reward model with vs without Llama 2 margins, accuracy by preference strength; (e)
-``run_reward_aware``: DPO vs reward-weighted DPO vs RPO on fact pairs with noisy labels but informative scores.
-Every run is probed by the same ``KLDriftCallback`` (task prompts + held-out corpus), so the numbers of (c)
-are comparable across trainers.
+(a) ``run_dpo``: DPO or DPO+NLL on fact pairs; (b) ``run_grpo``: GRPO on an over-optimizable reward under one of
+``GRPO_VARIANTS``; (c) ``drift_vs_forgetting``: final forward KL to the base vs held-out NLL rise across runs
+(eq. 15); (d) is ``margins.py``; (e) ``run_reward_aware``: DPO, reward-weighted DPO or RPO on fact pairs with noisy
+labels but informative scores. Each run function returns its record (logs, probes, settings); ``plan.py`` calls
+them once per seed. Every run with a drift probe uses ``KLDriftCallback`` on the same task prompts and held-out
+corpus, so the numbers of (c) are comparable across trainers.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from datasets import Dataset
 
 from trl_regularizers.demo.corpus import ANIMALS, ATTRIBUTES, COLORS, FOODS, HOMES, SOUNDS, WEATHER, corpus_lines, fact, world
+from trl_regularizers.demo.jobs import quiet_trainer
 from trl_regularizers.drift import KLDriftCallback
 
 TARGET_CHAR = "o"
@@ -28,7 +28,7 @@ STRENGTH_LABELS = {3: "significantly better", 2: "better", 1: "slightly better"}
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How long each run trains; ``quick`` is the CI size."""
+    """How long each run trains and how many seeds each number averages; ``quick`` is the CI size."""
 
     dpo_steps: int
     grpo_steps: int
@@ -36,12 +36,20 @@ class DemoSize:
     probe_every: int
     probe_prompts: int
     heldout_texts: int
+    rated_pairs: int
+    heldout_pairs: int
+    proxy_steps: int
+    study_steps: int
+    study_probe_every: int
+    seeds: int
 
     @classmethod
     def named(cls, quick: bool) -> DemoSize:
         if quick:
-            return cls(dpo_steps=4, grpo_steps=4, reward_steps=4, probe_every=2, probe_prompts=8, heldout_texts=16)
-        return cls(dpo_steps=40, grpo_steps=50, reward_steps=48, probe_every=10, probe_prompts=16, heldout_texts=64)
+            return cls(dpo_steps=4, grpo_steps=4, reward_steps=4, probe_every=2, probe_prompts=8, heldout_texts=16,
+                       rated_pairs=32, heldout_pairs=32, proxy_steps=2, study_steps=4, study_probe_every=2, seeds=2)
+        return cls(dpo_steps=40, grpo_steps=50, reward_steps=48, probe_every=10, probe_prompts=16, heldout_texts=64,
+                   rated_pairs=512, heldout_pairs=256, proxy_steps=64, study_steps=24, study_probe_every=4, seeds=3)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -129,14 +137,11 @@ def drift_probe(size: DemoSize) -> DemoProbe:
     )
 
 
-def finish(name: str, out: Path, trainer, probe: KLDriftCallback, before: list[dict] = (), settings: dict | None = None) -> dict:
-    """Save the run's log history (after ``before``, e.g. a step-0 evaluation), drift probes and the ``settings``
-    it was trained with; return the record."""
-    out.mkdir(parents=True, exist_ok=True)
-    log_history = [*before, *trainer.state.log_history]
-    record = {"name": name, "settings": settings or {}, "log_history": log_history, "drift": probe.history, "samples": probe.completions}
-    (out / "run.json").write_text(json.dumps(record, indent=1))
-    return record
+def finish(name: str, trainer, probe: KLDriftCallback, before: list[dict] = (), settings: dict | None = None) -> dict:
+    """The run's record: log history (after ``before``, e.g. a step-0 evaluation), drift probes, samples and the
+    ``settings`` it was trained with."""
+    return {"name": name, "settings": settings or {}, "log_history": [*before, *trainer.state.log_history], "drift": probe.history,
+            "samples": probe.completions}
 
 
 def series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -152,25 +157,21 @@ DPO_PANEL_SETTINGS = dict(
 """Shared by the DPO panels (a) and (e)."""
 
 
-def run_dpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
-    """DPO vs DPO+NLL: chosen log-probs of the training pairs, evaluated every few steps."""
+DPO_VARIANTS = {"DPO": dict(nll_alpha=0.0), "DPO+NLL": dict(nll_alpha=1.0)}
+
+
+def run_dpo(base: str, out: Path, size: DemoSize, seed: int, name: str) -> dict:
+    """DPO or DPO+NLL (``DPO_VARIANTS[name]``): chosen log-probs of the training pairs, evaluated every few steps."""
     from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer
 
     pairs = fact_pairs()
-    runs = []
-    for name, alpha in (("DPO", 0.0), ("DPO+NLL", 1.0)):
-        args = RegularizedDPOConfig(
-            **common_args(out / name, size.dpo_steps, seed),
-            nll_alpha=alpha,
-            **DPO_PANEL_SETTINGS,
-            eval_steps=size.probe_every,
-        )
-        probe = drift_probe(size)
-        trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=pairs, eval_dataset=pairs, callbacks=[probe])
-        before = {**trainer.evaluate(), "step": 0}  # train() starts a fresh log history: keep step 0 here
-        trainer.train()
-        runs.append(finish(name, out / name, trainer, probe, [before]))
-    return runs
+    args = RegularizedDPOConfig(**common_args(out, size.dpo_steps, seed), **DPO_VARIANTS[name], **DPO_PANEL_SETTINGS, eval_steps=size.probe_every)
+    probe = drift_probe(size)
+    trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=pairs, eval_dataset=pairs, callbacks=[probe])
+    quiet_trainer(trainer, f"(a) {name} seed {seed}")
+    before = {**trainer.evaluate(), "step": 0}  # train() starts a fresh log history: keep step 0 here
+    trainer.train()
+    return finish(name, trainer, probe, [before], settings=DPO_VARIANTS[name])
 
 
 # ----------------------------------------------------------------------------------------------- (b)
@@ -201,38 +202,29 @@ GRPO_SETTINGS = ("kl_estimator", "kl_placement", "beta", "learning_rate", "ptx_c
 """Config fields saved in each (b) run record (``settings``) and shown, in this order, in the report."""
 
 
-def run_grpo(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
-    """GRPO on ``target_char_reward`` under each of ``GRPO_VARIANTS``; drift, forgetting and samples probed."""
+def run_grpo(base: str, out: Path, size: DemoSize, seed: int, name: str) -> dict:
+    """GRPO on ``target_char_reward`` with ``GRPO_VARIANTS[name]``; drift, forgetting and samples probed."""
     from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer
 
-    prompts = Dataset.from_dict({"prompt": task_prompts() * 8})
-    pretrain = Dataset.from_dict({"text": corpus_lines(2000, "train")})
-    runs = []
-    for name, options in GRPO_VARIANTS.items():
-        args = RegularizedGRPOConfig(
-            **common_args(out / name.replace(" ", "_"), size.grpo_steps, seed),
-            **{"learning_rate": GRPO_LEARNING_RATE, **options},
-            per_device_train_batch_size=16,
-            num_generations=8,
-            max_completion_length=24,
-            ptx_block_size=64,
-            ptx_batch_size=8,
-        )
-        probe = drift_probe(size)
-        trainer = RegularizedGRPOTrainer(
-            model=base,
-            reward_funcs=target_char_reward,
-            args=args,
-            train_dataset=prompts,
-            callbacks=[probe],
-            pretrain_dataset=pretrain if args.ptx_coef > 0 else None,
-        )
-        trainer.train()
-        settings = {key: getattr(args, key) for key in GRPO_SETTINGS}
-        if args.beta == 0.0:  # no KL term: its estimator/placement options are unused
-            settings.update(kl_estimator=None, kl_placement=None)
-        runs.append(finish(name, out / name.replace(" ", "_"), trainer, probe, settings=settings))
-    return runs
+    args = RegularizedGRPOConfig(
+        **common_args(out, size.grpo_steps, seed),
+        **{"learning_rate": GRPO_LEARNING_RATE, **GRPO_VARIANTS[name]},
+        per_device_train_batch_size=16,
+        num_generations=8,
+        max_completion_length=24,
+        ptx_block_size=64,
+        ptx_batch_size=8,
+    )
+    probe = drift_probe(size)
+    pretrain = Dataset.from_dict({"text": corpus_lines(2000, "train")}) if args.ptx_coef > 0 else None
+    trainer = RegularizedGRPOTrainer(model=base, reward_funcs=target_char_reward, args=args, train_dataset=Dataset.from_dict({"prompt": task_prompts() * 8}),
+                                     callbacks=[probe], pretrain_dataset=pretrain)
+    quiet_trainer(trainer, f"(b) {name} seed {seed}")
+    trainer.train()
+    settings = {key: getattr(args, key) for key in GRPO_SETTINGS}
+    if args.beta == 0.0:  # no KL term: its estimator/placement options are unused
+        settings.update(kl_estimator=None, kl_placement=None)
+    return finish(name, trainer, probe, settings=settings)
 
 
 # ----------------------------------------------------------------------------------------------- (c)
@@ -247,47 +239,6 @@ def drift_vs_forgetting(runs: list[dict]) -> dict:
     total = ((rise - rise.mean()) ** 2).sum()
     r2 = float(1 - (residual**2).sum() / total) if total > 0 else float("nan")
     return {"points": points, "slope": slope, "intercept": intercept, "r2": r2}
-
-
-# ----------------------------------------------------------------------------------------------- (d)
-@torch.no_grad()
-def reward_accuracy_by_strength(model, tokenizer, pairs: Dataset) -> dict[str, float]:
-    """Fraction of pairs with r(chosen) > r(rejected), per preference-strength label and overall."""
-    model.eval()
-
-    def score(texts):
-        enc = tokenizer([t + tokenizer.eos_token for t in texts], return_tensors="pt", padding=True, padding_side="right")
-        return model(**enc.to(model.device)).logits[:, 0].float().cpu()
-
-    correct = (score(pairs["chosen"]) > score(pairs["rejected"])).float()
-    labels = pairs["preference_strength"]
-    result = {label: correct[[i for i, l in enumerate(labels) if l == label]].mean().item() for label in STRENGTH_LABELS.values()}
-    result["all"] = correct.mean().item()
-    return result
-
-
-def run_reward(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
-    """Reward model from the base weights, trained with and without label-derived margins (Llama 2, large)."""
-    from trl_regularizers import RegularizedRewardConfig, RegularizedRewardTrainer
-
-    train, test = rated_pairs(192, seed=11), rated_pairs(96, seed=12)
-    runs = []
-    for name, margin_source in (("RM", None), ("RM+margin", "label")):
-        args = RegularizedRewardConfig(
-            **common_args(out / name, size.reward_steps, seed),
-            margin_source=margin_source,
-            margin_label_map="llama2_large",
-            learning_rate=1e-3,
-            per_device_train_batch_size=16,
-        )
-        trainer = RegularizedRewardTrainer(model=base, args=args, train_dataset=train)
-        trainer.train()
-        record = {"name": name, "log_history": trainer.state.log_history}
-        record["accuracy"] = reward_accuracy_by_strength(trainer.model, trainer.processing_class, test)
-        (out / name).mkdir(parents=True, exist_ok=True)
-        (out / name / "run.json").write_text(json.dumps(record, indent=1))
-        runs.append(record)
-    return runs
 
 
 # ----------------------------------------------------------------------------------------------- (e)
@@ -321,30 +272,20 @@ def noisy_scored_pairs(seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
     return Dataset.from_list(train), Dataset.from_list(flipped), Dataset.from_list(kept)
 
 
-def run_reward_aware(base: str, out: Path, size: DemoSize, seed: int = 0) -> list[dict]:
-    """Each of ``REWARD_AWARE_VARIANTS`` on the noisy pairs; the implicit-reward accuracy (TRL's ``rewards/accuracies``)
-    on the clean labels of the swapped and of the untouched pairs, evaluated every few steps."""
+def run_reward_aware(base: str, out: Path, size: DemoSize, seed: int, name: str) -> dict:
+    """``REWARD_AWARE_VARIANTS[name]`` on the noisy pairs of ``seed``; the implicit-reward accuracy (TRL's
+    ``rewards/accuracies``) on the clean labels of the swapped and of the untouched pairs, evaluated every few steps."""
     from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer
 
     train, flipped, kept = noisy_scored_pairs(seed)
-    runs = []
-    for name, options in REWARD_AWARE_VARIANTS.items():
-        folder = out / name.replace(" ", "_").replace("(", "").replace(")", "")
-        args = RegularizedDPOConfig(
-            **common_args(folder, size.dpo_steps, seed),
-            **options,
-            **DPO_PANEL_SETTINGS,
-            reward_eta=1.0,
-            eval_steps=size.probe_every,
-        )
-        trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=train, eval_dataset={"flipped": flipped, "kept": kept})
-        before = {**trainer.evaluate(), "step": 0}
-        trainer.train()
-        record = {"name": name, "settings": {k: getattr(args, k) for k in ("reward_aware_loss", "reward_weighting", "reward_eta", "beta")},
-                  "num_flipped": len(flipped), "num_kept": len(kept), "log_history": [before, *trainer.state.log_history]}
-        if args.reward_aware_loss != "weighted_dpo":
-            record["settings"]["reward_weighting"] = None
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "run.json").write_text(json.dumps(record, indent=1))
-        runs.append(record)
-    return runs
+    args = RegularizedDPOConfig(
+        **common_args(out, size.dpo_steps, seed), **REWARD_AWARE_VARIANTS[name], **DPO_PANEL_SETTINGS, reward_eta=1.0, eval_steps=size.probe_every
+    )
+    trainer = RegularizedDPOTrainer(model=base, args=args, train_dataset=train, eval_dataset={"flipped": flipped, "kept": kept})
+    quiet_trainer(trainer, f"(e) {name} seed {seed}")
+    before = {**trainer.evaluate(), "step": 0}
+    trainer.train()
+    settings = {k: getattr(args, k) for k in ("reward_aware_loss", "reward_weighting", "reward_eta", "beta")}
+    if args.reward_aware_loss != "weighted_dpo":
+        settings["reward_weighting"] = None
+    return {"name": name, "settings": settings, "num_flipped": len(flipped), "num_kept": len(kept), "log_history": [before, *trainer.state.log_history]}

@@ -1,0 +1,109 @@
+"""The over-optimization study's pieces: the gold reward's parser and fluency term, the statistics of the report,
+and the job cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trl_regularizers.demo.corpus import world
+from trl_regularizers.demo.gold import FLUENCY_FLOOR, FLUENCY_WEIGHT, GoldReward, claims, fact_score
+from trl_regularizers.demo.jobs import Job, run_jobs
+from trl_regularizers.demo.stats import gao_rl_fit, mean_interval
+
+FACTS = world()
+
+
+def test_claims_in_every_corpus_form_and_only_whole_words():
+    fox = FACTS["fox"]
+    text = (f"the {fox['color']} fox lives in the {fox['home']} and eats {fox['food']}. the owl is red. "
+            f"it met the cat, who said {FACTS['cat']['sound']}. the bee ate nuts.")
+    assert claims(text) == {("fox", "color", fox["color"]), ("fox", "home", fox["home"]), ("fox", "food", fox["food"]),
+                            ("owl", "color", "red"), ("cat", "sound", FACTS["cat"]["sound"]), ("bee", "food", "nuts")}
+    assert claims("the fox eats berr") == set()  # cut off by the length limit: states nothing
+    assert claims("the fox eats berries") == set() and claims("the fox eats berries.") == {("fox", "food", "berries")}
+
+
+def test_fact_score_counts_new_claims_true_and_false():
+    wrong = next(food for food in ("berries", "fish", "seeds") if food != FACTS["fox"]["food"])
+    completion = f" eats {FACTS['fox']['food']}. the fox eats {wrong}. the fox eats {wrong}."
+    assert fact_score("the fox", completion) == (1, 1)  # distinct claims: the repeated false one counts once
+    assert fact_score(f"the fox eats {FACTS['fox']['food']}.", " the fox is.") == (0, 0)  # the prompt's own claim is not the completion's
+
+
+def test_gold_is_facts_plus_weighted_fluency_by_hand(tiny_lm_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_lm_path), AutoTokenizer.from_pretrained(tiny_lm_path)
+    gold = GoldReward(model, tok)
+    prompts, completions = ["the fox", "the cat"], [f" eats {FACTS['fox']['food']}.", " is"]
+    parts = gold.components(prompts, completions)
+    for prompt, completion, fluency in zip(prompts, completions, parts["fluency"]):
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        targets = ids[0, 1:]
+        by_hand = logps[len(prompt_ids) - 1 :].gather(-1, targets[len(prompt_ids) - 1 :, None]).mean().item()
+        assert fluency == pytest.approx(max(by_hand, FLUENCY_FLOOR), abs=1e-5)
+    assert parts["true"] == [1.0, 0.0] and parts["false"] == [0.0, 0.0]
+    assert gold(prompts, completions) == pytest.approx([1 + FLUENCY_WEIGHT * parts["fluency"][0], FLUENCY_WEIGHT * parts["fluency"][1]])
+
+
+def test_mean_interval_by_hand():
+    result = mean_interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303
+    assert (result["mean"], result["n"]) == (2.0, 3)
+    assert (result["low"], result["high"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    assert mean_interval([5.0]) == {"mean": 5.0, "low": 5.0, "high": 5.0, "n": 1}
+    with pytest.raises(ValueError, match="at least one"):
+        mean_interval([])
+
+
+def test_gao_fit_recovers_the_curve_and_its_peak():
+    alpha, beta = 0.8, 0.5
+    d = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0]
+    fit = gao_rl_fit(d, [x * (alpha - beta * math.log(x)) if x > 0 else 0.0 for x in d])
+    assert (fit["alpha"], fit["beta"], fit["r2"]) == pytest.approx((alpha, beta, 1.0))
+    d_star = math.exp(alpha / beta - 1)  # dR/dd = alpha - beta (log d + 1) = 0
+    assert fit["d_star"] == pytest.approx(d_star) and fit["gain_star"] == pytest.approx(d_star * (alpha - beta * math.log(d_star)))
+    falling = gao_rl_fit([1.0, 2.0, 3.0], [-1.0, -2.0, -3.0])  # alpha = -1, beta = 0: no peak
+    assert falling["alpha"] == pytest.approx(-1.0) and math.isnan(falling["d_star"])
+    with pytest.raises(ValueError, match="two points"):
+        gao_rl_fit([0.0, 1.0], [0.0, 1.0])
+
+
+def counting_runner(job, folder, context):
+    """A stand-in for training: records what it saw; a job with needs checks they were saved first."""
+    for need in job.needs:
+        assert (folder.parents[2] / need / "run.json").is_file()
+    calls = folder.parents[2] / "calls.txt"
+    with calls.open("a") as handle:
+        handle.write(job.folder + "\n")
+    return {"value": job.options.get("value", 0) * 2, "context": context["tag"]}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_are_cached_by_settings_and_wait_for_their_needs(tmp_path, workers):
+    first = Job("p", "first run", 0, {"value": 1})
+    jobs = [first, Job("p", "second", 0, {"value": 2}, needs=(first.folder,)), Job("q", "third", 1, {"value": 3}, needs=(first.folder,))]
+    records = run_jobs(jobs, counting_runner, tmp_path, {"tag": "a"}, workers=workers)
+    assert [records[j.folder]["value"] for j in jobs] == [2, 4, 6] and records[first.folder]["seed"] == 0
+    assert json.loads((tmp_path / first.folder / "run.json").read_text())["value"] == 2
+    assert len((tmp_path / "calls.txt").read_text().split()) == 3
+
+    changed = [jobs[0], Job("p", "second", 0, {"value": 5}, needs=(first.folder,)), jobs[2]]
+    records = run_jobs(changed, counting_runner, tmp_path, {"tag": "a"}, workers=workers)
+    assert records[changed[1].folder]["value"] == 10
+    assert (tmp_path / "calls.txt").read_text().split()[3:] == [changed[1].folder]  # only the changed job ran again
+    run_jobs(changed, counting_runner, tmp_path, {"tag": "b"}, workers=workers)  # another context: all again
+    assert len((tmp_path / "calls.txt").read_text().split()) == 7
+
+
+def test_jobs_refuse_unknown_needs_and_shared_folders(tmp_path):
+    with pytest.raises(ValueError, match="unknown jobs"):
+        run_jobs([Job("p", "a", 0, needs=("p/b/seed0",))], counting_runner, tmp_path, {"tag": "a"})
+    with pytest.raises(ValueError, match="share a folder"):
+        run_jobs([Job("p", "a b", 0), Job("p", "a_b", 0)], counting_runner, tmp_path, {"tag": "a"})
