@@ -28,7 +28,7 @@ def test_fsdp2_gradients_through_the_exact_kl_equal_one_process(tiny_lm_path, tm
     """The head in the root unit is a plain parameter after the forward; a separately sharded head is a DTensor,
     whose gathered gradient must be averaged over ranks (TRL's plain ``full_tensor()`` leaves it per rank)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), tiny_lm_path, str(tmp_path), shard_head]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), tiny_lm_path, str(tmp_path), shard_head]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in range(2):

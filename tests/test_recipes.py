@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 SCRIPT_OF = {"dpo_nll": "dpo", "reward_margin": "reward", "grpo_kl": "grpo", "rloo_kl": "rloo", "ppo_ptx": "ppo"}
+
+
+def free_port() -> int:
+    """A port no process listens on now: a rank left over from another run on the default 29500 would join this one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def load_recipe(name: str):
@@ -79,7 +87,7 @@ def test_dpo_recipe_trains_with_two_cpu_processes(tmp_path):
     """accelerate launch with the multi_cpu config: 2 ranks, 2 optimizer steps, finite losses incl. nll/chosen."""
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "multi_cpu.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "multi_cpu.yaml"), "--main_process_port", str(free_port()),
         str(RECIPES / "dpo.py"), "--config", str(RECIPES / "configs" / "dpo_nll.yaml"),
         "--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
         "--use_cpu", "true", "--disable_tqdm", "true",
@@ -101,7 +109,7 @@ def test_ppo_recipe_trains_with_two_cpu_processes(tmp_path):
     policy saved."""
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "multi_cpu.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "multi_cpu.yaml"), "--main_process_port", str(free_port()),
         str(RECIPES / "ppo.py"), "--config", str(RECIPES / "configs" / "ppo_ptx.yaml"),
         "--output_dir", str(out), "--total_episodes", "16", "--logging_steps", "1", "--num_ppo_epochs", "1",
         "--response_length", "8", "--use_cpu", "true", "--disable_tqdm", "true",
