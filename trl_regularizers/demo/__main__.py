@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,22 +37,23 @@ def main(argv: list[str] | None = None) -> Path:
     import torch
 
     threads = torch.get_num_threads()
-    quiet_process(args.threads)
-    try:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        size = DemoSize.named(args.quick)
-        started = time.time()
-        checkpoint = {steps: base_model_path(PretrainSettings(steps=steps)) for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}}
-        base = base_model_path()
-        context = {"size": asdict(size), "base": base, "start": checkpoint[CHECKPOINTS["start"]],
-                   "rated_sources": [checkpoint[steps] for steps in CHECKPOINTS["rated"]]}
-        records = run_jobs(demo_jobs(size.seeds), run_job, out, context, workers=args.workers, threads=args.threads, fresh=args.fresh)
-        report, summary = write_report(out, records, base, args.quick, time.time() - started)
-        print(results_table(summary), flush=True)
-        print(f"[demo] report: {report}  ({time.time() - started:.0f} s)", flush=True)
-    finally:
-        torch.set_num_threads(threads)  # main() is also called in-process (tests)
+    with warnings.catch_warnings():  # quiet_process filters warnings: restore the caller's filters after
+        quiet_process(args.threads)
+        try:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            size = DemoSize.named(args.quick)
+            started = time.time()
+            checkpoint = {steps: base_model_path(PretrainSettings(steps=steps)) for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}}
+            base = base_model_path()
+            context = {"size": asdict(size), "base": base, "start": checkpoint[CHECKPOINTS["start"]],
+                       "rated_sources": [checkpoint[steps] for steps in CHECKPOINTS["rated"]]}
+            records = run_jobs(demo_jobs(size.seeds), run_job, out, context, workers=args.workers, threads=args.threads, fresh=args.fresh)
+            report, summary = write_report(out, records, base, args.quick, time.time() - started)
+            print(results_table(summary), flush=True)
+            print(f"[demo] report: {report}  ({time.time() - started:.0f} s)", flush=True)
+        finally:
+            torch.set_num_threads(threads)  # main() is also called in-process (tests)
     return report
 
 

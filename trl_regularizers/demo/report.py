@@ -197,21 +197,15 @@ def summarize_grpo(records) -> dict:
     return result
 
 
-def drift_points(records) -> dict[int, list[tuple[str, float, float]]]:
-    """seed -> (run, final KL(pi_0 || pi), held-out NLL rise) of every run with a drift probe (panels a, b, study)."""
-    points: dict[int, list] = defaultdict(list)
-    for record in sorted(records.values(), key=lambda r: (r["seed"], r["panel"], r["name"])):
-        if record.get("drift"):
-            last = record["drift"][-1]
-            points[record["seed"]].append((f"{record['panel']}/{record['name']}", last["drift/kl_forward"], last["forgetting/nll_increase"]))
-    return dict(points)
-
-
 def summarize_forgetting(records) -> dict:
+    """Eq. 15's fit per seed over every run of that seed with a drift probe (panels a, b and the study)."""
     from trl_regularizers.demo.runs import drift_vs_forgetting
 
-    per_seed = {seed: drift_vs_forgetting([{"name": n, "drift": [{"drift/kl_forward": k, "forgetting/nll_increase": r}]} for n, k, r in points])
-                for seed, points in drift_points(records).items()}
+    probed: dict[int, list[dict]] = defaultdict(list)
+    for record in sorted(records.values(), key=lambda r: (r["seed"], r["panel"], r["name"])):
+        if record.get("drift"):
+            probed[record["seed"]].append(record)
+    per_seed = {seed: drift_vs_forgetting(runs) for seed, runs in probed.items()}
     numbers = [{"r2": fit["r2"], "slope": fit["slope"], "intercept": fit["intercept"]} for fit in per_seed.values()]
     return {"per_seed": per_seed, "runs_per_seed": len(next(iter(per_seed.values()))["points"]), **_intervals(numbers)}
 
