@@ -1,8 +1,9 @@
 """Generate the Colab notebooks from one template, so they stay consistent: `python notebooks/make_notebooks.py`.
 
 Each notebook is a plain TRL notebook (model, data, config, trainer, train) in which only the regularizer
-lines differ, preceded by an "Open in Colab" badge and an install cell that does nothing when the package
-is already importable. It trains twice, with the regularizer off and on (same seed, same data), and ends with a
+lines differ, preceded by an "Open in Colab" badge and an install cell that installs the package and clones this
+repository for the tiny world of its examples (``examples/demo``, which the wheel does not ship); it does
+nothing where both are importable. It trains twice, with the regularizer off and on (same seed, same data), and ends with a
 matplotlib plot of the metric the regularizer is meant to change, read from the runs' logs, and a one-line
 summary of its final values (``<what>: {<run without>: <value>, <run with>: <value>}``, which
 tests/test_notebooks.py checks). They run on the embedded tiny model in well under a minute on a CPU; the
@@ -22,8 +23,8 @@ PACKAGE = "trl-regularizers[peft,demo]"  # what the install cell installs on Col
 
 SETUP = '''import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from trl_regularizers.demo.pretrain import base_model_path
-from trl_regularizers.demo.corpus import corpus_lines
+from examples.demo.pretrain import base_model_path
+from examples.demo.corpus import corpus_lines
 
 model_name = base_model_path()  # the embedded tiny model; on Colab with a GPU try e.g. "Qwen/Qwen2.5-0.5B-Instruct"
 cpu = dict(bf16=False, report_to="none", gradient_checkpointing=False, save_strategy="no", logging_steps=1, disable_tqdm=True)
@@ -45,7 +46,7 @@ NOTEBOOKS = {
         intro="DPO tends to lower the log-probability of the *chosen* answers too. Adding alpha times their length-normalized NLL keeps them up. Compared with a plain TRL DPO notebook, only the config/trainer class and `nll_alpha` change.",
         plot="the chosen (and rejected) log-probs over the training steps",
         cells=[
-            '''from trl_regularizers.demo.runs import fact_pairs
+            '''from examples.demo.runs import fact_pairs
 pairs = fact_pairs()  # columns: prompt, chosen, rejected
 pairs[0]''',
             '''from trl_regularizers import RegularizedDPOConfig, RegularizedDPOTrainer  # was: from trl import DPOConfig, DPOTrainer
@@ -72,7 +73,7 @@ print("chosen log-prob at the last step:", {name: round(series(log, "logps/chose
         intro="Pairs labeled 'significantly better' should be separated by a larger reward gap than 'slightly better' ones. `margin_source=\"label\"` turns the labels into the margin of the loss.",
         plot="the held-out reward gap r(chosen) - r(rejected) by preference strength",
         cells=[
-            '''from trl_regularizers.demo.runs import rated_pairs
+            '''from examples.demo.runs import rated_pairs
 train, test = rated_pairs(96, seed=11), rated_pairs(96, seed=12)  # chosen, rejected, preference_strength
 strengths = ["slightly better", "better", "significantly better"]
 test_by_strength = {s.split()[0]: test.filter(lambda row: row["preference_strength"] == s) for s in strengths}  # evaluated one by one
@@ -107,7 +108,7 @@ print("reward gap on 'significantly better' pairs:", {name: round(reward_gap(log
         cells=[
             '''from datasets import Dataset
 from trl_regularizers import KLDriftCallback
-from trl_regularizers.demo.runs import target_char_reward, task_prompts
+from examples.demo.runs import target_char_reward, task_prompts
 prompts = Dataset.from_dict({"prompt": task_prompts() * 16})''',
             '''from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer  # was: from trl import GRPOConfig, GRPOTrainer
 
@@ -143,7 +144,7 @@ print("KL(pi || pi_0) at the last step:", {name: round(series(log, "drift/kl_rev
             '''from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from datasets import Dataset
 from trl_regularizers import KLDriftCallback
-from trl_regularizers.demo.runs import task_prompts
+from examples.demo.runs import task_prompts
 
 tokenizer = AutoTokenizer.from_pretrained(model_name, padding_side="left")
 prompts = Dataset.from_dict({"input_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in task_prompts()]})
@@ -187,7 +188,7 @@ print("held-out NLL after the last update:", {name: round(series(history, "forge
             '''from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 from trl_regularizers import KLDriftCallback
-from trl_regularizers.demo.runs import target_char_reward, task_prompts
+from examples.demo.runs import target_char_reward, task_prompts
 
 logs = {}
 for beta in (0.0, 0.2):
@@ -213,11 +214,19 @@ print("drift/kl_reverse at the last step:", {name: round(series(log, "drift/kl_r
 
 
 def install_cell() -> str:
-    return f'''# Install (Colab); does nothing when trl_regularizers is already importable.
+    return f'''# Install (Colab): the package, and this repository for the tiny world of its examples (not in the wheel).
+# Does nothing where both are importable already.
+import os, sys
 try:
     import trl_regularizers
 except ImportError:
-    %pip install -q "{PACKAGE}"'''
+    %pip install -q "{PACKAGE}"
+try:
+    import examples.demo
+except ImportError:
+    if not os.path.isdir("trl-regularizers"):
+        !git clone -q --depth 1 https://github.com/{REPO}
+    sys.path.insert(0, os.path.abspath("trl-regularizers"))'''
 
 
 def build(name: str, spec: dict) -> nbformat.NotebookNode:

@@ -1,14 +1,25 @@
 """Shared pieces of the recipes: script arguments, the offline tiny-world defaults, dataset loading.
 
-The name ``tiny-world`` (model or dataset) means the package's embedded tiny model and its generated data,
+The name ``tiny-world`` (model or dataset) means the repository's tiny model and its generated data (``examples/demo``, not in the wheel),
 so every recipe runs offline by default; any other name goes to ``from_pretrained`` / ``load_dataset``.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 TINY = "tiny-world"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def demo_module(name: str):
+    """``examples.demo.<name>`` of this repository: the tiny world ships with the repository, not with the wheel."""
+    if str(REPOSITORY) not in sys.path:
+        sys.path.insert(0, str(REPOSITORY))
+    return importlib.import_module(f"examples.demo.{name}")
 
 
 @dataclass
@@ -32,9 +43,7 @@ class RecipeArguments:
 def model_path(name: str | None) -> str:
     """Resolve ``tiny-world`` to the embedded model's folder; pass any other name through."""
     if name in (None, TINY):
-        from trl_regularizers.demo.pretrain import base_model_path
-
-        return base_model_path()
+        return demo_module("pretrain").base_model_path()
     return name
 
 
@@ -55,8 +64,9 @@ def tiny_world(kind: str):
     """The generated demo data as a DatasetDict with train/test splits."""
     from datasets import Dataset, DatasetDict
 
-    from trl_regularizers.demo.corpus import corpus_lines
-    from trl_regularizers.demo.runs import fact_pairs, rated_pairs, task_prompts
+    corpus_lines = demo_module("corpus").corpus_lines
+    runs = demo_module("runs")
+    fact_pairs, rated_pairs, task_prompts = runs.fact_pairs, runs.rated_pairs, runs.task_prompts
 
     if kind == "preference":
         pairs = fact_pairs().train_test_split(test_size=0.25, seed=0)
@@ -97,7 +107,5 @@ def load_pretrain(script_args: RecipeArguments):
 def reward_funcs(script_args: RecipeArguments):
     """GRPO/RLOO reward: the demo's over-optimizable character reward for 'tiny-world', else a reward model path."""
     if script_args.reward_model_name_or_path == TINY:
-        from trl_regularizers.demo.runs import target_char_reward
-
-        return target_char_reward
+        return demo_module("runs").target_char_reward
     return script_args.reward_model_name_or_path

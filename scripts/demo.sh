@@ -2,8 +2,8 @@
 # The README's first command: build (or reuse) the latest-TRL venv, then run the offline demo.
 #   bash scripts/demo.sh                 -> reports/demo/report.md (+ PNG plots), < 10 min on 2 CPU cores
 #   bash scripts/demo.sh --quick         -> CI-sized run
-# Extra arguments go to `python -m trl_regularizers.demo` (e.g. --out DIR).
+# Extra arguments go to `python -m examples.demo` (e.g. --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh latest
-exec .venv/bin/python -m trl_regularizers.demo --out reports/demo "$@"
+exec .venv/bin/python -m examples.demo --out reports/demo "$@"

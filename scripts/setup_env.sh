@@ -2,7 +2,7 @@
 # Create (or reuse) a test environment.
 #   scripts/setup_env.sh latest   -> .venv        (newest supported TRL; extras dev, peft)
 #   scripts/setup_env.sh trl112   -> .venv-trl112 (TRL 1.12, the [ppo] extra)
-#   scripts/setup_env.sh deps     -> .venv-deps   (the package and its declared dependencies only, no extras)
+#   scripts/setup_env.sh deps     -> .venv-deps   (the built wheel and its declared dependencies only, no extras)
 #   scripts/setup_env.sh 1.13.0   -> .venv-trl/1.13.0: that TRL wheel alone, without its dependencies, to be put
 #                                    first on PYTHONPATH over .venv (scripts/test.sh). Correct because every
 #                                    requirement of a TRL 1.12-1.16 release is one of TRL 1.16's, with a lower or
@@ -41,7 +41,13 @@ pip=("$venv/bin/python" -m pip install "${pip_flags[@]}")
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 # shellcheck disable=SC2086
 "${pip[@]}" $TORCH_SPEC
-"${pip[@]}" -e ".${extras}"
+if [ "$flavor" = deps ]; then
+  # the built wheel, as a user installs it (not editable): scripts/test.sh reinstalls the current one before each run
+  bash scripts/build_wheel.sh >/dev/null
+  "${pip[@]}" dist/trl_regularizers-*.whl
+else
+  "${pip[@]}" -e ".${extras}"
+fi
 rm -f "$venv"/.installed-*
 touch "$stamp"
 echo "$venv ready: $("$venv/bin/python" -c 'import torch, trl, transformers; print("torch", torch.__version__, "trl", trl.__version__, "transformers", transformers.__version__)')" >&2

@@ -4,8 +4,8 @@
 #   trl112   .venv-trl112, TRL 1.12 (the [ppo] extra): the whole suite
 #   1.13.0 1.14.0 1.14.1 1.14.2   the core, trainer and TRL-contract tests, in .venv with that TRL wheel first
 #            on PYTHONPATH
-#   deps     .venv-deps, the package with its declared dependencies only: each release is installed in turn
-#            (with TRL's own requirements) and the trainers must import
+#   deps     .venv-deps, the built wheel (the library only) with its declared dependencies: each release is installed
+#            in turn (with TRL's own requirements) and the trainers must import
 # Environments are created on first use (scripts/setup_env.sh). Extra arguments go to pytest and replace the
 # default selection in every environment. TRL_ENVS picks environments, e.g. TRL_ENVS="latest 1.13.0".
 set -euo pipefail
@@ -20,6 +20,8 @@ import trl
 from trl import DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer
 from trl_regularizers import (KLDriftCallback, RegularizedDPOTrainer, RegularizedGRPOTrainer, RegularizedPPOTrainer,
                               RegularizedRLOOTrainer, RegularizedRewardTrainer)
+import trl_regularizers
+assert "site-packages" in trl_regularizers.__file__, trl_regularizers.__file__  # the installed wheel, not the checkout
 print("TRL", trl.__version__, "imports with the declared dependencies only")'
 failed=()
 for env in ${TRL_ENVS:-latest trl112 ${between[*]} deps}; do
@@ -30,12 +32,15 @@ for env in ${TRL_ENVS:-latest trl112 ${between[*]} deps}; do
       echo "== tests in $venv ($("$venv/bin/python" -c 'import trl; print("TRL", trl.__version__)'))"
       "$venv/bin/python" -m pytest "$@" || failed+=("$venv") ;;
     deps)
+      # The wheel as built now (the library only: scripts/build_wheel.sh checks its files), installed as a user would.
+      bash scripts/build_wheel.sh || failed+=("the wheel")
+      .venv-deps/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall dist/trl_regularizers-*.whl
       # One environment for all: every requirement of these releases is also one of torch, transformers,
       # accelerate or datasets, so no release relies on a package that only another release brought in.
       for version in "${declared[@]}"; do
         echo "== .venv-deps with TRL $version"
         { .venv-deps/bin/python -m pip install --quiet --disable-pip-version-check "trl==$version" \
-          && .venv-deps/bin/python -c "$import_check"; } || failed+=(".venv-deps (TRL $version)")
+          && .venv-deps/bin/python -I -c "$import_check"; } || failed+=(".venv-deps (TRL $version)")
       done ;;
     *)
       # Absolute, since some tests start subprocesses in other folders.

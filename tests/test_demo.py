@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from trl_regularizers.demo.corpus import corpus_lines, world
-from trl_regularizers.demo.pretrain import PretrainSettings, base_model_path, pretrain
-from trl_regularizers.demo.runs import distinct_n, drift_vs_forgetting
+from examples.demo.corpus import corpus_lines, world
+from examples.demo.pretrain import PretrainSettings, base_model_path, pretrain
+from examples.demo.runs import distinct_n, drift_vs_forgetting
 
 
 def test_corpus_is_deterministic_and_splits_differ():
@@ -53,8 +53,8 @@ def test_embedded_model_knows_the_facts():
 def test_study_checkpoints_are_shipped_and_weaker_than_the_judge():
     """The over-optimization study's checkpoints load from the package (no pretraining on first use), and the
     policy's starting point knows less than the fully trained model that judges fluency."""
-    from trl_regularizers.demo.overopt import CHECKPOINTS
-    from trl_regularizers.demo.pretrain import ASSET_DIR
+    from examples.demo.overopt import CHECKPOINTS
+    from examples.demo.pretrain import ASSET_DIR
 
     info = {}
     for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}:
@@ -67,9 +67,9 @@ def test_study_checkpoints_are_shipped_and_weaker_than_the_judge():
 
 @pytest.mark.slow
 def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
-    from trl_regularizers.demo.__main__ import main
-    from trl_regularizers.demo.overopt import STUDY_VARIANTS
-    from trl_regularizers.demo.stats import fmt, mean_interval
+    from examples.demo.__main__ import main
+    from examples.demo.overopt import STUDY_VARIANTS
+    from examples.demo.stats import fmt, mean_interval
 
     report = main(["--quick", "--out", str(tmp_path)])
     text = report.read_text()
@@ -131,7 +131,7 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
 
 
 def test_noisy_pairs_swap_labels_and_keep_scores_with_their_texts():
-    from trl_regularizers.demo.runs import noisy_scored_pairs
+    from examples.demo.runs import noisy_scored_pairs
 
     train, flipped, kept = noisy_scored_pairs(0)
     assert len(train) == len(flipped) + len(kept) and 0 < len(flipped) < len(kept)

@@ -9,15 +9,15 @@ import re
 import pytest
 import torch
 
-from trl_regularizers.demo.corpus import world
-from trl_regularizers.demo.margins import (
+from examples.demo.corpus import world
+from examples.demo.margins import (
     FLIP_RATES,
     accuracy_by_strength,
     heldout_rated_pairs,
     noisy_rated_pairs,
     paired_gain,
 )
-from trl_regularizers.demo.runs import STRENGTH_LABELS, rated_pairs
+from examples.demo.runs import STRENGTH_LABELS, rated_pairs
 
 DESCRIPTION = re.compile(r"the (\w+) (\w+) lives in the (\w+) and eats (\w+)\.")
 STRENGTH = {label: k for k, label in STRENGTH_LABELS.items()}

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from trl_regularizers.demo.corpus import world
-from trl_regularizers.demo.gold import FLUENCY_FLOOR, FLUENCY_WEIGHT, GoldReward, claims, fact_score
-from trl_regularizers.demo.jobs import Job, run_jobs
-from trl_regularizers.demo.stats import gao_rl_fit, mean_interval
+from examples.demo.corpus import world
+from examples.demo.gold import FLUENCY_FLOOR, FLUENCY_WEIGHT, GoldReward, claims, fact_score
+from examples.demo.jobs import Job, run_jobs
+from examples.demo.stats import gao_rl_fit, mean_interval
 
 FACTS = world()
 

@@ -56,6 +56,7 @@ def test_notebooks_are_generated_and_current():
         )
         assert f"colab.research.google.com/github/{gen.REPO}/blob/main/notebooks/{path.name}" in on_disk.cells[0].source
         assert "import trl_regularizers" in on_disk.cells[1].source and "%pip install" in on_disk.cells[1].source
+        assert "import examples.demo" in on_disk.cells[1].source and f"git clone -q --depth 1 https://github.com/{gen.REPO}" in on_disk.cells[1].source
         assert "[peft,demo]" in on_disk.cells[1].source  # demo: matplotlib, for the plot that ends every notebook
         assert "plt.show()" in on_disk.cells[-1].source
     assert sorted(REGULARIZED_MOVES) == sorted(gen.NOTEBOOKS)
@@ -63,11 +64,14 @@ def test_notebooks_are_generated_and_current():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
-    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    for name, value in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(name, value)
+    # the kernel imports the tiny world (examples/) from this checkout, as the install cell would from its clone
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOKS.parent), os.environ.get("PYTHONPATH")])))
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     last = notebook.cells[-1]
     assert not any(output.get("output_type") == "error" for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trl_regularizers.demo.jobs import Job
+from examples.demo.jobs import Job
 
 PROXY = "proxy reward model"
 MARGIN_RUNS = "RM and RM+margin"
@@ -12,8 +12,8 @@ MARGIN_RUNS = "RM and RM+margin"
 
 def demo_jobs(seeds: int) -> list[Job]:
     """All jobs, in an order that runs each proxy reward model before the policies that need it."""
-    from trl_regularizers.demo.overopt import STUDY_VARIANTS
-    from trl_regularizers.demo.runs import DPO_VARIANTS, GRPO_VARIANTS, REWARD_AWARE_VARIANTS
+    from examples.demo.overopt import STUDY_VARIANTS
+    from examples.demo.runs import DPO_VARIANTS, GRPO_VARIANTS, REWARD_AWARE_VARIANTS
 
     jobs = []
     for seed in range(seeds):
@@ -30,7 +30,7 @@ def demo_jobs(seeds: int) -> list[Job]:
 
 def run_job(job: Job, folder: Path, context: dict) -> dict:
     """Train ``job`` into ``folder``; ``context`` holds the model paths and the ``DemoSize`` fields."""
-    from trl_regularizers.demo import margins, overopt, runs
+    from examples.demo import margins, overopt, runs
 
     size, base = runs.DemoSize(**context["size"]), context["base"]
     if job.panel == "study":

@@ -11,11 +11,11 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from trl_regularizers.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE, STUDY_VARIANTS
-from trl_regularizers.demo.margins import FLIP_RATES, MARGIN_SCALE
-from trl_regularizers.demo.plan import PROXY
-from trl_regularizers.demo.runs import GRPO_SETTINGS, LABEL_NOISE, SCORE_NOISE, STRENGTH_LABELS, TARGET_CHAR, series
-from trl_regularizers.demo.stats import fmt, gao_rl_fit, mean_interval
+from examples.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE, STUDY_VARIANTS
+from examples.demo.margins import FLIP_RATES, MARGIN_SCALE
+from examples.demo.plan import PROXY
+from examples.demo.runs import GRPO_SETTINGS, LABEL_NOISE, SCORE_NOISE, STRENGTH_LABELS, TARGET_CHAR, series
+from examples.demo.stats import fmt, gao_rl_fit, mean_interval
 
 KL_KEY = "drift/kl_reverse_sequence"
 REFERENCE_VARIANT = "no KL"
@@ -199,7 +199,7 @@ def summarize_grpo(records) -> dict:
 
 def summarize_forgetting(records) -> dict:
     """Eq. 15's fit per seed over every run of that seed with a drift probe (panels a, b and the study)."""
-    from trl_regularizers.demo.runs import drift_vs_forgetting
+    from examples.demo.runs import drift_vs_forgetting
 
     probed: dict[int, list[dict]] = defaultdict(list)
     for record in sorted(records.values(), key=lambda r: (r["seed"], r["panel"], r["name"])):
@@ -436,7 +436,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, se
         "",
         "## The embedded tiny model",
         f"A {base_info['num_parameters']:,}-parameter Qwen2 with a byte tokenizer, pretrained by "
-        f"`python -m trl_regularizers.demo.pretrain` on the generated tiny-world corpus ({base_info['settings']['steps']} steps). "
+        f"`python -m examples.demo.pretrain` on the generated tiny-world corpus ({base_info['settings']['steps']} steps). "
         f"Held-out NLL: {base_info['heldout_nll_init']:.3f} nats/byte at random init, {base_info['heldout_nll']:.3f} after. "
         f"Facts completed correctly (greedy): {base_info['fact_accuracy_init']:.0%} at init, {base_info['fact_accuracy']:.0%} after.",
         "",

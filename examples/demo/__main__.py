@@ -1,4 +1,4 @@
-"""``python -m trl_regularizers.demo``: run the over-optimization study and panels (a)-(e) over several seeds, and
+"""``python -m examples.demo``: run the over-optimization study and panels (a)-(e) over several seeds, and
 write the report folder."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m trl_regularizers.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__)
     parser.add_argument("--out", default="reports/demo", help="Report folder (created). Its runs are reused when their settings and code match.")
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (a few steps each, 2 seeds).")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="Runs trained at once, one process each (default: 2, or 1 on one core).")
@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> Path:
         if value < 1:
             parser.error(f"--{name} must be >= 1, got {value}.")
 
-    from trl_regularizers.demo.jobs import quiet_process, run_jobs
-    from trl_regularizers.demo.overopt import CHECKPOINTS
-    from trl_regularizers.demo.plan import demo_jobs, run_job
-    from trl_regularizers.demo.pretrain import PretrainSettings, base_model_path
-    from trl_regularizers.demo.report import results_table, write_report
-    from trl_regularizers.demo.runs import DemoSize
+    from examples.demo.jobs import quiet_process, run_jobs
+    from examples.demo.overopt import CHECKPOINTS
+    from examples.demo.plan import demo_jobs, run_job
+    from examples.demo.pretrain import PretrainSettings, base_model_path
+    from examples.demo.report import results_table, write_report
+    from examples.demo.runs import DemoSize
 
     import torch
 

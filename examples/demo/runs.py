@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from trl_regularizers.demo.corpus import ANIMALS, ATTRIBUTES, COLORS, FOODS, HOMES, SOUNDS, WEATHER, corpus_lines, fact, world
-from trl_regularizers.demo.jobs import quiet_trainer
+from examples.demo.corpus import ANIMALS, ATTRIBUTES, COLORS, FOODS, HOMES, SOUNDS, WEATHER, corpus_lines, fact, world
+from examples.demo.jobs import quiet_trainer
 from trl_regularizers.drift import KLDriftCallback
 
 TARGET_CHAR = "o"

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from trl_regularizers.demo.corpus import ANIMALS, world
+from examples.demo.corpus import ANIMALS, world
 
 FLUENCY_WEIGHT = 0.5
 FLUENCY_FLOOR = -8.0

@@ -1,9 +1,9 @@
 """Pretrain the demo's embedded tiny model on the tiny-world corpus, and find or cache it.
 
-    python -m trl_regularizers.demo.pretrain --out /tmp/tiny-world     # ~1-3 min on 2 CPU cores
+    python -m examples.demo.pretrain --out /tmp/tiny-world     # ~1-3 min on 2 CPU cores
 
 ``base_model_path()`` is what the demo, recipes and notebooks call: it returns the shipped weights in
-``trl_regularizers/assets/tiny-world`` when they match this script's settings, else a copy cached under
+``examples/demo/assets/tiny-world`` when they match this script's settings, else a copy cached under
 ``~/.cache/trl_regularizers`` (``$TRL_REGULARIZERS_CACHE`` overrides), pretraining it on first use.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from trl_regularizers.demo.corpus import ANIMALS, ATTRIBUTES, corpus_lines, fact, world
+from examples.demo.corpus import ANIMALS, ATTRIBUTES, corpus_lines, fact, world
 from trl_regularizers.testing import byte_tokenizer, tiny_config
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-world"
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny-world"
 INFO_FILE = "pretrain_info.json"
 
 
@@ -168,7 +168,7 @@ def base_model_path(settings: PretrainSettings = PretrainSettings()) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ASSET_DIR), help="Folder to save the model to (default: the package assets).")
+    parser.add_argument("--out", default=str(ASSET_DIR), help="Folder to save the model to (default: the demo's assets).")
     parser.add_argument("--steps", type=int, default=PretrainSettings.steps)
     args = parser.parse_args(argv)
     info = pretrain(args.out, PretrainSettings(steps=args.steps))

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from trl_regularizers.demo.jobs import quiet_trainer
-from trl_regularizers.demo.runs import STRENGTH_LABELS, DemoSize, common_args, rated_pairs
+from examples.demo.jobs import quiet_trainer
+from examples.demo.runs import STRENGTH_LABELS, DemoSize, common_args, rated_pairs
 
 FLIP_RATES = {"slightly better": 0.4, "better": 0.15, "significantly better": 0.05}
 """Probability that a training pair of each strength has chosen and rejected swapped (its label kept)."""

@@ -20,10 +20,10 @@ from statistics import fmean
 import torch
 from datasets import Dataset
 
-from trl_regularizers.demo.corpus import corpus_lines
-from trl_regularizers.demo.gold import GoldReward
-from trl_regularizers.demo.jobs import quiet_trainer
-from trl_regularizers.demo.runs import DemoProbe, DemoSize, common_args, task_prompts
+from examples.demo.corpus import corpus_lines
+from examples.demo.gold import GoldReward
+from examples.demo.jobs import quiet_trainer
+from examples.demo.runs import DemoProbe, DemoSize, common_args, task_prompts
 
 COMPLETION_LENGTH = 48
 """Tokens (bytes) per completion: room for two or three facts."""

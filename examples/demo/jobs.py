@@ -44,11 +44,13 @@ class Job:
 
 
 def source_fingerprint() -> str:
-    """Hash of the package's Python sources: a cached run is reused only by the code that made it."""
-    package = Path(__file__).resolve().parent.parent
+    """Hash of the library's and the demo's Python sources: a cached run is reused only by the code that made it."""
+    import trl_regularizers
+
     digest = hashlib.sha1()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + path.read_bytes())
+    for root in (Path(trl_regularizers.__file__).resolve().parent, Path(__file__).resolve().parent):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
