@@ -5,5 +5,5 @@
 # Extra arguments go to `python -m examples.demo` (e.g. --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh latest
+TRL_LATEST="$(python3 scripts/trl_releases.py | tail -n 1)" bash scripts/setup_env.sh latest  # the TRL scripts/test.sh tests
 exec .venv/bin/python -m examples.demo --out reports/demo "$@"

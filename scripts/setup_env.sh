@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) a test environment.
-#   scripts/setup_env.sh latest   -> .venv        (newest supported TRL; extras dev, peft)
+#   scripts/setup_env.sh latest   -> .venv        (newest supported TRL, or TRL_LATEST; extras dev, peft)
 #   scripts/setup_env.sh trl112   -> .venv-trl112 (TRL 1.12, the [ppo] extra)
 #   scripts/setup_env.sh deps     -> .venv-deps   (the built wheel and its declared dependencies only, no extras)
 #   scripts/setup_env.sh 1.13.0   -> .venv-trl/1.13.0: that TRL wheel alone, without its dependencies, to be put
@@ -31,7 +31,9 @@ case "$flavor" in
 esac
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-stamp="$venv/.installed-$(cat pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-12)"
+trl_pin=""
+[ "$flavor" = latest ] && [ -n "${TRL_LATEST:-}" ] && trl_pin="trl==$TRL_LATEST"
+stamp="$venv/.installed-$( (cat pyproject.toml scripts/setup_env.sh; echo "$trl_pin") | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   echo "$venv is up to date" >&2
   exit 0
@@ -46,7 +48,8 @@ if [ "$flavor" = deps ]; then
   bash scripts/build_wheel.sh >/dev/null
   "${pip[@]}" dist/trl_regularizers-*.whl
 else
-  "${pip[@]}" -e ".${extras}"
+  # shellcheck disable=SC2086
+  "${pip[@]}" -e ".${extras}" $trl_pin
 fi
 rm -f "$venv"/.installed-*
 touch "$stamp"

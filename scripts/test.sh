@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Run the tests on every TRL release the package declares (pyproject.toml: trl>=1.12,<1.17,!=1.15.0):
-#   latest   .venv, TRL 1.16: the whole suite
+# Run the tests on every TRL release the package supports: each final release the registry serves that pyproject.toml's
+# requirement (trl>=1.12,!=1.15.0, no upper bound) allows (scripts/trl_releases.py):
+#   latest   .venv, the newest release: the whole suite
 #   trl112   .venv-trl112, TRL 1.12 (the [ppo] extra): the whole suite
-#   1.13.0 1.14.0 1.14.1 1.14.2   the core, trainer and TRL-contract tests, in .venv with that TRL wheel first
-#            on PYTHONPATH
+#   <X.Y.Z>  each release between: the core, trainer and TRL-contract tests, in .venv with that TRL wheel first on
+#            PYTHONPATH
 #   deps     .venv-deps, the built wheel (the library only) with its declared dependencies: each release is installed
 #            in turn (with TRL's own requirements) and the trainers must import
-# Environments are created on first use (scripts/setup_env.sh). Extra arguments go to pytest and replace the
-# default selection in every environment. TRL_ENVS picks environments, e.g. TRL_ENVS="latest 1.13.0".
+# A release newer than the newest one tested (trainers/adapters/contract.py NEWEST_TESTED_TRL) runs like any other:
+# its failures show what moved. Environments are created on first use (scripts/setup_env.sh). Extra arguments go to
+# pytest and replace the default selection in every environment. TRL_ENVS picks environments, e.g. TRL_ENVS="latest 1.13.0".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Keep in step with the trl requirement in pyproject.toml.
-between=(1.13.0 1.14.0 1.14.1 1.14.2)
-declared=(1.12.0 "${between[@]}" 1.16.0)
+mapfile -t declared < <(python3 scripts/trl_releases.py)
+export TRL_LATEST="${declared[-1]}"
+between=()
+for version in "${declared[@]}"; do
+  case "$version" in 1.12.* | "$TRL_LATEST") ;; *) between+=("$version") ;; esac
+done
+echo "== TRL releases: ${declared[*]} (whole suite on 1.12 and $TRL_LATEST)"
 subset=(tests/core tests/trainers tests/test_configs.py tests/test_ptx.py tests/test_trl_contract.py)
 import_check='
 import trl

@@ -15,10 +15,12 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
+from trl_regularizers import models
+from trl_regularizers.components.kl import KLPenalty, KLPlan, check_distribution_setup
+from trl_regularizers.core.control import FixedKLController
 from trl_regularizers.core.full_kl import full_vocab_kl
-from trl_regularizers.trainers import adapters
-from trl_regularizers.trainers.kl import KLRegularizer, estimate_kl
-from trl_regularizers.trainers.records import HiddenStates, KLRecord
+from trl_regularizers.core.kl import kl_estimator_info
+from trl_regularizers.core.records import HiddenStates, KLRecord
 
 SCRIPT = Path(__file__).parent / "scripts" / "full_kl_fsdp2.py"
 
@@ -39,7 +41,7 @@ def test_fsdp2_gradients_through_the_exact_kl_equal_one_process(tiny_lm_path, tm
 
 
 class FakeZero3:
-    """DeepSpeed ZeRO-3 as the adapters see it: ``param.data`` is empty outside ``GatheredParameters``."""
+    """DeepSpeed ZeRO-3 as ``models.gathered`` sees it: ``param.data`` is empty outside ``GatheredParameters``."""
 
     AVAILABLE, NOT_AVAILABLE = "AVAILABLE", "NOT_AVAILABLE"
 
@@ -52,7 +54,7 @@ class FakeZero3:
         status = types.SimpleNamespace(ZeroParamStatus=types.SimpleNamespace(AVAILABLE=self.AVAILABLE))
         monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(zero=zero))
         monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.partition_parameters", status)
-        monkeypatch.setattr(adapters.base, "is_deepspeed_zero3_enabled", lambda: True)
+        monkeypatch.setattr(models, "is_deepspeed_zero3_enabled", lambda: True)
 
     @contextmanager
     def gathered_parameters(self, params):
@@ -76,13 +78,14 @@ def test_zero3_heads_are_gathered_once_each_around_the_exact_kl(monkeypatch):
     mask = torch.ones(2, 3)
     zero3 = FakeZero3(monkeypatch, weight, ref_weight)
     record = KLRecord(torch.zeros(2, 3), torch.zeros(2, 3), mask, HiddenStates(hidden, weight), HiddenStates(ref_hidden, ref_weight))
+    penalty = full_kl_penalty("reward")
     with torch.no_grad():
-        kl = estimate_kl(record, "full", "reverse", None)
+        kl = penalty.estimate(record)
     torch.testing.assert_close(kl, expected)
     assert zero3.gathers == [[weight, ref_weight]] and weight.numel() == 0
     shared = KLRecord(torch.zeros(2, 3), torch.zeros(2, 3), mask, HiddenStates(hidden, weight), HiddenStates(ref_hidden, weight))
     with torch.no_grad():
-        estimate_kl(shared, "full", "reverse", None)
+        penalty.estimate(shared)
     assert zero3.gathers[-1] == [weight]  # PEFT: the reference is the policy's own head
 
 
@@ -99,26 +102,21 @@ class PlainHeadLM(torch.nn.Module):
         return self.lm_head
 
 
-def fake_trainer(distributed_type, zero_stage=None, fsdp2=False, placement="loss"):
+def full_kl_penalty(placement: str) -> KLPenalty:
+    plan = KLPlan(kl_estimator_info("full"), "reverse", placement, None, native=False)
+    return KLPenalty(plan, FixedKLController(0.1), metrics=None)
+
+
+def fake_accelerator(distributed_type, zero_stage=None, fsdp2=False):
     state = types.SimpleNamespace(distributed_type=distributed_type, deepspeed_plugin=types.SimpleNamespace(zero_stage=zero_stage))
-    return types.SimpleNamespace(
-        accelerator=types.SimpleNamespace(state=state, is_fsdp2=fsdp2, unwrap_model=lambda m: m),
-        args=types.SimpleNamespace(kl_estimator="full", kl_placement=placement), model=PlainHeadLM(), ref_model=None,
-    )
+    return types.SimpleNamespace(state=state, is_fsdp2=fsdp2, unwrap_model=lambda m: m)
 
 
-@pytest.mark.parametrize("setup, message", [
-    (dict(distributed_type=DistributedType.FSDP), "FSDP1 keeps it in flat sharded parameters. Use FSDP2"),
-    (dict(distributed_type=DistributedType.DEEPSPEED, zero_stage=3), "kl_placement='loss' .* not supported under DeepSpeed ZeRO-3"),
+@pytest.mark.parametrize("setup, placement, message", [
+    (dict(distributed_type=DistributedType.FSDP), "loss", "FSDP1 keeps it in flat sharded parameters. Use FSDP2"),
+    (dict(distributed_type=DistributedType.DEEPSPEED, zero_stage=3), "loss", "kl_placement='loss' .* not supported under DeepSpeed ZeRO-3"),
 ])
-def test_setups_without_a_readable_head_are_refused(setup, message):
+def test_setups_without_a_readable_head_are_refused(setup, placement, message):
+    """The setups the FSDP2 and ZeRO-3 tests above run (FSDP2, ZeRO-3 with the KL in the reward) pass this check."""
     with pytest.raises(ValueError, match=message):
-        KLRegularizer._check_logits_recomputable(fake_trainer(**setup))
-
-
-@pytest.mark.parametrize("setup", [
-    dict(distributed_type=DistributedType.FSDP, fsdp2=True),
-    dict(distributed_type=DistributedType.DEEPSPEED, zero_stage=3, placement="reward"),
-], ids=["fsdp2", "zero3-reward"])
-def test_supported_sharded_setups_are_accepted(setup):
-    KLRegularizer._check_logits_recomputable(fake_trainer(**setup))
+        check_distribution_setup(full_kl_penalty(placement), "RegularizedGRPOTrainer", fake_accelerator(**setup), [PlainHeadLM()])

@@ -15,7 +15,8 @@ from tests.scripts.ptx_ddp import PtxDPO, preference_pairs, pretraining_texts
 from trl_regularizers.configs import RegularizedDPOConfig
 from trl_regularizers.ptx import PtxStream
 from trl_regularizers.testing import byte_tokenizer
-from trl_regularizers.trainers.adapters.base import TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA, causal_lm, why_logits_are_not_a_product
+from trl_regularizers.models import causal_lm, why_logits_are_not_a_product
+from trl_regularizers.trainers.adapters.base import TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA
 
 TOKENIZER = byte_tokenizer()
 EOS = TOKENIZER.eos_token_id
@@ -146,14 +147,14 @@ def make_trainer(model_path, tmp_path, pretrain_dataset=None, **overrides):
 
 
 def record_ptx_batches(trainer) -> list[list]:
-    drawn, next_batch = [], trainer.ptx_stream.next_batch
+    drawn, next_batch = [], trainer.ptx_term.stream.next_batch
 
     def recording():
         batch = next_batch()
         drawn.append(batch["input_ids"].tolist())
         return batch
 
-    trainer.ptx_stream.next_batch = recording
+    trainer.ptx_term.stream.next_batch = recording
     return drawn
 
 
@@ -229,7 +230,7 @@ def test_resumed_run_draws_the_same_ptx_batches(tiny_lm_path, tmp_path):
     full = make_trainer(tiny_lm_path, tmp_path / "full", texts, **common)
     full_batches = record_ptx_batches(full)
     full.train()
-    assert len(full_batches) == 6 and full.ptx_stream.state_dict()["epoch"] == 1
+    assert len(full_batches) == 6 and full.ptx_term.stream.state_dict()["epoch"] == 1
 
     resumed = make_trainer(tiny_lm_path, tmp_path / "resumed", texts, **common)
     resumed_batches = record_ptx_batches(resumed)
@@ -249,35 +250,31 @@ def test_setup_errors_and_warnings(tiny_lm_path, tmp_path):
         make_trainer(tiny_lm_path, tmp_path, pretraining_texts(), ptx_block_size=1024)
     with pytest.warns(UserWarning, match="ptx_coef=0.0"):
         unused = make_trainer(tiny_lm_path, tmp_path, pretraining_texts(), ptx_coef=0.0)
-    unused.model.train()
-    assert unused.ptx_loss(unused.model) is None and "ptx" not in unused.regularizer_state
+    assert unused.ptx_term is None and "ptx" not in unused.regularizer_state
 
 
 def test_ptx_loss_is_off_in_eval_and_names_non_finite_values(tiny_lm_path, tmp_path):
     trainer = make_trainer(tiny_lm_path, tmp_path, pretraining_texts())
-    assert trainer.regularizer_state["ptx"] is trainer.ptx_stream
-    trainer.model.eval()
-    assert trainer.ptx_loss(trainer.model) is None
-    assert trainer.ptx_stream.state_dict()["block"] == 0  # eval draws nothing
+    assert trainer.regularizer_state["ptx"] is trainer.ptx_term.stream
+    metrics = trainer.evaluate(preference_pairs(4))
+    assert trainer.ptx_term.stream.state_dict()["block"] == 0 and "eval_ptx/nll" not in metrics  # eval draws nothing
     trainer.model.train()
     with torch.no_grad():
         trainer.model.get_output_embeddings().weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="the ptx term is not finite"):
-        trainer.ptx_loss(trainer.model)
+        trainer.ptx_term.loss(trainer.model)
 
 
-def test_reward_model_without_lm_head_is_refused(tiny_rm_path, tmp_path):
-    from trl_regularizers.configs import RegularizedRewardConfig
-    from trl_regularizers.trainers.adapters.reward import RewardAdapter
-    from trl_regularizers.trainers.ptx import PtxRegularizer
+def test_a_model_without_lm_head_is_refused(tiny_rm_path, tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
 
-    class PtxReward(PtxRegularizer, RewardAdapter):
-        pass
+    from trl_regularizers.components.ptx import PtxTerm
 
-    args = RegularizedRewardConfig(output_dir=str(tmp_path), bf16=False, report_to="none", ptx_coef=0.1, ptx_block_size=16)
-    pairs = datasets.Dataset.from_dict({"chosen": ["good"] * 4, "rejected": ["bad"] * 4})
+    args = RegularizedDPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none", ptx_coef=0.1, ptx_block_size=16)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_path)
     with pytest.raises(ValueError, match="ptx_coef=0.1 > 0 needs a model with a language-modeling head; .*ForSequenceClassification"):
-        PtxReward(tiny_rm_path, args=args, train_dataset=pairs, pretrain_dataset=pretraining_texts())
+        PtxTerm.from_config(args, pretraining_texts(), model, TOKENIZER, Accelerator(cpu=True), None, "Trainer")
 
 
 def test_ptx_goes_through_a_peft_model(tiny_lm_path, tmp_path):
@@ -310,7 +307,7 @@ def test_empty_texts_and_out_of_vocabulary_ids_are_refused_before_training():
 
 
 def test_ppo_style_block_size_longer_than_the_model_is_refused_for_every_trainer(tiny_lm_path, tmp_path):
-    """The shared PtxRegularizer checks ptx_block_size for every trainer (PPO once accepted any length)."""
+    """The shared PtxTerm checks ptx_block_size for every trainer (PPO once accepted any length)."""
     from trl_regularizers import RegularizedGRPOConfig, RegularizedGRPOTrainer
 
     args = RegularizedGRPOConfig(str(tmp_path), bf16=False, report_to="none", per_device_train_batch_size=4, num_generations=4,
@@ -369,7 +366,7 @@ def test_nll_from_hidden_states_equals_the_logits_nll_and_its_gradient(tiny_lm_p
     """Each trainer with ptx computes the NLL from the backbone's hidden states in chunks, with no LM-head forward
     (no [B, T, V] logits); value and gradient equal those of the NLL of the model's own logits on the same batch."""
     trainer, model = PTX_TRAINERS[name](tmp_path, tiny_lm_path, tiny_rm_path, pretraining_texts())
-    assert trainer.ptx_from_hidden_states
+    assert trainer.ptx_term.from_hidden_states
     model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop; GRPO divides its terms by it
     params = [p for p in model.parameters() if p.requires_grad]
@@ -377,9 +374,9 @@ def test_nll_from_hidden_states_equals_the_logits_nll_and_its_gradient(tiny_lm_p
     causal_lm(trainer.accelerator.unwrap_model(model)).get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
     results = {}
     for from_hidden in (True, False):
-        trainer.ptx_from_hidden_states = from_hidden
-        trainer.ptx_stream.load_state_dict({"epoch": 0, "block": 0, "block_size": 16, "seed": trainer.args.seed})
-        loss = trainer.ptx_loss(model)
+        trainer.ptx_term.from_hidden_states = from_hidden
+        trainer.ptx_term.stream.load_state_dict({"epoch": 0, "block": 0, "block_size": 16, "seed": trainer.args.seed})
+        loss = trainer.scale_like_parent_loss(trainer.ptx_term.loss(model))
         results[from_hidden] = (loss.detach(), torch.autograd.grad(loss, params))
         assert len(head_calls) == (0 if from_hidden else 1)
     (value, grads), (expected, expected_grads) = results[True], results[False]
@@ -400,7 +397,7 @@ def test_models_whose_logits_are_not_a_product_use_the_logits_path(tiny_lm_path,
     from trl_regularizers import RegularizedDPOTrainer
 
     capped = RegularizedDPOTrainer(model, args=args, train_dataset=preference_pairs(), pretrain_dataset=pretraining_texts())
-    assert not capped.ptx_from_hidden_states
+    assert not capped.ptx_term.from_hidden_states
     assert why_logits_are_not_a_product(model) == "its config sets final_logit_softcapping=30.0, which changes the logits after the LM head"
     biased = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
     biased.lm_head = torch.nn.Linear(biased.config.hidden_size, biased.config.vocab_size, bias=True)

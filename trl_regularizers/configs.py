@@ -2,7 +2,9 @@
 
 The field groups below are mixed in *before* the TRL config so that the parent's positional order
 (``output_dir`` first) is unchanged and the new fields come last. Every field has a ``help`` entry,
-so ``TrlParser``/``HfArgumentParser`` expose it on the command line and in YAML.
+so ``TrlParser``/``HfArgumentParser`` expose it on the command line and in YAML. Each group declares its
+checks (``RULES``, ``cross_check``) for the one validation system of ``trl_regularizers.validation``; names come
+from the registries (``core.kl``, ``core.margins``, ``core.reward_aware``).
 """
 
 from __future__ import annotations
@@ -12,44 +14,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 
-from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig
+from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, SFTConfig
 
-from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, MAX_CLAMP, kl_estimator_names
+from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, MAX_CLAMP, kl_estimator_info, kl_estimator_names
 from trl_regularizers.core.margins import LLAMA2_MARGIN_LARGE, LLAMA2_MARGIN_SMALL, MARGIN_SOURCES
-from trl_regularizers.core.reward_aware import MAX_ABS_GAP, REWARD_WEIGHTINGS, RPO_DISTANCES
+from trl_regularizers.core.reward_aware import MAX_ABS_GAP, REWARD_AWARE_LOSSES, REWARD_WEIGHTINGS
+from trl_regularizers.validation import Choice, RegistryChoices, ValidatedConfig, at_least, in_range, positive, validate
 
 NLL_NORMALIZATIONS: tuple[str, ...] = ("completion", "sequence")
-REWARD_AWARE_LOSSES: tuple[str, ...] = (*(f"rpo_{d}" for d in RPO_DISTANCES), "rebel", "weighted_dpo")
 MARGIN_LABEL_MAPS: dict[str, dict[str, float]] = {"llama2_small": LLAMA2_MARGIN_SMALL, "llama2_large": LLAMA2_MARGIN_LARGE}
-
-
-def check_finite_numbers(config) -> None:
-    """Every float of every field of ``config`` (also inside lists, e.g. ``loss_weights``) is finite: a NaN or inf
-    coefficient trains on NaN weights while the Trainer logs the dropped loss as 0."""
-    for config_field in fields(config):
-        value = getattr(config, config_field.name, None)
-        for number in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(number, float) and not math.isfinite(number):
-                raise ValueError(f"{config_field.name} must be a finite number, got {value!r}.")
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not valid. Allowed values: {', '.join(map(str, allowed))}.")
-
-
-def _at_least(name: str, value, low: float, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not value >= low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}.")
-
-
-def _positive(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}.")
+KL_ESTIMATOR_CHOICES = RegistryChoices(kl_estimator_names)
 
 
 @dataclass
@@ -74,10 +48,7 @@ class PtxArguments:
     ptx_block_size: int = field(default=256, metadata={"help": "Length in tokens of the packed ptx sequences."})
     ptx_text_field: str = field(default="text", metadata={"help": "Text column of the pretraining dataset."})
 
-    def _validate_ptx(self) -> None:
-        _at_least("ptx_coef", self.ptx_coef, 0.0)
-        _positive("ptx_batch_size", self.ptx_batch_size, allow_none=True)
-        _at_least("ptx_block_size", self.ptx_block_size, 2)
+    RULES = {"ptx_coef": at_least(0.0), "ptx_batch_size": positive(allow_none=True), "ptx_block_size": at_least(2)}
 
 
 @dataclass
@@ -116,12 +87,10 @@ class MarginArguments:
     margin_likert_points: int = field(default=7, metadata={"help": "Points of the Likert scale (margin_source='likert')."})
     margin_scale: float = field(default=1.0, metadata={"help": "Multiplier applied to derived margins."})
 
-    def _validate_margins(self) -> None:
-        if self.margin_source == "None":  # the command line spells the default as a string
-            self.margin_source = None
-        _choice("margin_source", self.margin_source, (None, *MARGIN_SOURCES))
-        _at_least("margin_likert_points", self.margin_likert_points, 2)
-        _positive("margin_scale", self.margin_scale)
+    RULES = {"margin_source": Choice(lambda: MARGIN_SOURCES, allow_none=True), "margin_likert_points": at_least(2),
+             "margin_scale": positive()}
+
+    def cross_check(self) -> None:
         if isinstance(self.margin_label_map, Mapping):  # a YAML mapping: keep it as the JSON text the field holds
             self.margin_label_map = json.dumps(dict(self.margin_label_map))
         self.margin_labels()  # validates the map
@@ -175,7 +144,7 @@ class RewardAwareArguments:
         Truncate each scored text to this many tokens (`None`: no truncation).
     """
 
-    reward_aware_loss: str | None = field(default=None, metadata={"help": f"Reward-aware loss: None, {', '.join(REWARD_AWARE_LOSSES)}."})
+    reward_aware_loss: str | None = field(default=None, metadata={"help": "Reward-aware loss: None or a name of core.reward_aware.REWARD_AWARE_LOSSES (rpo_sq, rpo_bwd_kl, rpo_fwd_kl, rebel, weighted_dpo)."})
     reward_eta: float = field(default=1.0, metadata={"help": "eta: reward scale of RPO, step size of REBEL, weight scale/inverse temperature."})
     reward_weighting: str = field(default="abs_normalized", metadata={"help": "Pair weight of weighted_dpo.", "choices": list(REWARD_WEIGHTINGS)})
     reward_length_normalize: bool = field(default=False, metadata={"help": "Per-token mean log-ratios instead of sums."})
@@ -184,19 +153,12 @@ class RewardAwareArguments:
     reward_model_batch_size: int = field(default=16, metadata={"help": "Pairs per reward-model forward when scoring before training."})
     reward_model_max_length: int | None = field(default=None, metadata={"help": "Truncation of scored texts in tokens (None: none)."})
 
-    def _validate_reward_aware(self) -> None:
-        if self.reward_aware_loss == "None":  # the command line spells the default as a string
-            self.reward_aware_loss = None
-        _choice("reward_aware_loss", self.reward_aware_loss, (None, *REWARD_AWARE_LOSSES))
-        _choice("reward_weighting", self.reward_weighting, REWARD_WEIGHTINGS)
-        if self.reward_aware_loss == "rebel":
-            _positive("reward_eta", self.reward_eta)  # REBEL divides by it
-        else:
-            _at_least("reward_eta", self.reward_eta, 0.0)
-        if not self.reward_eta <= MAX_ABS_GAP:
-            raise ValueError(f"reward_eta must be <= {MAX_ABS_GAP:g}, got {self.reward_eta!r}.")
-        _positive("reward_model_batch_size", self.reward_model_batch_size)
-        _at_least("reward_model_max_length", self.reward_model_max_length, 1, allow_none=True)
+    RULES = {"reward_aware_loss": Choice(lambda: REWARD_AWARE_LOSSES, allow_none=True), "reward_weighting": Choice(REWARD_WEIGHTINGS),
+             "reward_eta": in_range(0.0, MAX_ABS_GAP), "reward_model_batch_size": positive(), "reward_model_max_length": at_least(1, allow_none=True)}
+
+    def cross_check(self) -> None:
+        if self.reward_aware_loss is not None and REWARD_AWARE_LOSSES[self.reward_aware_loss].eta_positive:
+            positive()("reward_eta", self.reward_eta)  # the loss divides by it
         names = (self.reward_chosen_score_field, self.reward_rejected_score_field)
         if not all(isinstance(name, str) and name for name in names) or names[0] == names[1]:
             raise ValueError(
@@ -233,28 +195,70 @@ class KLArguments:
         Horizon K of the adaptive controller (steps for a 20% error to move beta by 20%).
     """
 
-    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator.", "choices": list(kl_estimator_names())})
+    kl_estimator: str = field(default="k3", metadata={"help": "KL estimator.", "choices": KL_ESTIMATOR_CHOICES})
     kl_placement: str = field(default="loss", metadata={"help": "Where the KL penalty goes.", "choices": list(KL_PLACEMENTS)})
     kl_direction: str = field(default="reverse", metadata={"help": "KL direction.", "choices": list(KL_DIRECTIONS)})
     kl_clamp: float | None = field(default=20.0, metadata={"help": "Bound on the log-ratio before exp (None: off)."})
     kl_target: float | None = field(default=None, metadata={"help": "Target KL for adaptive beta (None: fixed beta)."})
     kl_horizon: float = field(default=10_000.0, metadata={"help": "Horizon of the adaptive KL controller."})
 
-    def _validate_kl(self, coef: float) -> None:
-        _choice("kl_estimator", self.kl_estimator, kl_estimator_names())
-        _choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
-        _choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
-        if self.kl_clamp is not None and not 0 < self.kl_clamp <= MAX_CLAMP:
-            raise ValueError(f"kl_clamp must be in (0, {MAX_CLAMP}] or None, got {self.kl_clamp!r}.")
-        _positive("kl_target", self.kl_target, allow_none=True)
-        _positive("kl_horizon", self.kl_horizon)
-        _at_least("beta", coef, 0.0)
+    KL_COEFFICIENT = "beta"
+    """The field of the TRL config that holds the KL coefficient (PPO: ``kl_coef``)."""
+    RULES = {"kl_estimator": Choice(kl_estimator_names), "kl_placement": Choice(KL_PLACEMENTS), "kl_direction": Choice(KL_DIRECTIONS),
+             "kl_clamp": in_range(0.0, MAX_CLAMP, open_low=True, allow_none=True), "kl_target": positive(allow_none=True),
+             "kl_horizon": positive()}
+
+    def cross_check(self) -> None:
+        coef = getattr(self, self.KL_COEFFICIENT)
+        at_least(0.0)(self.KL_COEFFICIENT, coef)
         if self.kl_target is not None and not coef > 0:
-            raise ValueError(f"kl_target={self.kl_target} needs beta > 0 to adapt from, got beta={coef}.")
+            raise ValueError(f"kl_target={self.kl_target} needs {self.KL_COEFFICIENT} > 0 to adapt from, got {self.KL_COEFFICIENT}={coef}.")
 
 
 @dataclass
-class RegularizedDPOConfig(PtxArguments, RewardAwareArguments, MarginArguments, DPOConfig):
+class SFTKLArguments:
+    r"""
+    > KL anchor of supervised fine-tuning to the base model (the chapter's "Implicit Regularization", eq. 15;
+    > [RL's Razor](https://huggingface.co/papers/2509.04259))
+
+    sft_kl_coef (`float`, *optional*, defaults to `0.0`):
+        Coefficient of the KL between the policy and the frozen base (reference) model, summed over the positions the
+        SFT loss trains and normalized like the SFT loss (per token). `0.0` is stock SFT.
+    sft_kl_direction (`str`, *optional*, defaults to `"forward"`):
+        `"forward"` for KL(pi_0 || pi), RL's Razor's measure of drift, or `"reverse"` for KL(pi || pi_0).
+    sft_kl_estimator (`str`, *optional*, defaults to `"full"`):
+        An estimator of the registry that reads the whole distribution (`"full"`: exact over the vocabulary, in chunks,
+        from final hidden states and the LM heads). The tokens of SFT come from the dataset, not from the policy, so a
+        sampled-token estimator (k1, k2, k3, abs) is no estimate of the KL here and is refused.
+    sft_kl_target (`float` or `None`, *optional*, defaults to `None`):
+        If set, the coefficient adapts after each optimizer step toward this KL per trained token
+        ([Ziegler et al. 2019](https://huggingface.co/papers/1909.08593)); `sft_kl_coef` must then be > 0.
+    sft_kl_horizon (`float`, *optional*, defaults to `10000`):
+        Horizon of the adaptive controller (steps for a 20% error to move the coefficient by 20%).
+    """
+
+    sft_kl_coef: float = field(default=0.0, metadata={"help": "Coefficient of the exact KL to the base model on the trained positions. 0: stock SFT."})
+    sft_kl_direction: str = field(default="forward", metadata={"help": "KL direction: forward = KL(pi_0 || pi), reverse = KL(pi || pi_0).", "choices": list(KL_DIRECTIONS)})
+    sft_kl_estimator: str = field(default="full", metadata={"help": "A distribution estimator of the registry (sampled-token ones do not apply to data tokens).", "choices": KL_ESTIMATOR_CHOICES})
+    sft_kl_target: float | None = field(default=None, metadata={"help": "Target KL per trained token for an adaptive coefficient (None: fixed)."})
+    sft_kl_horizon: float = field(default=10_000.0, metadata={"help": "Horizon of the adaptive controller."})
+
+    RULES = {"sft_kl_coef": at_least(0.0), "sft_kl_direction": Choice(KL_DIRECTIONS), "sft_kl_estimator": Choice(kl_estimator_names),
+             "sft_kl_target": positive(allow_none=True), "sft_kl_horizon": positive()}
+
+    def cross_check(self) -> None:
+        if not kl_estimator_info(self.sft_kl_estimator).needs_distribution:
+            raise ValueError(
+                f"sft_kl_estimator={self.sft_kl_estimator!r} estimates the KL from tokens sampled from the policy, but SFT's "
+                "tokens come from the dataset, so it is no estimate of the KL here. Use an estimator of the whole "
+                f"distribution: {', '.join(kl_estimator_names('distribution'))}."
+            )
+        if self.sft_kl_target is not None and not self.sft_kl_coef > 0:
+            raise ValueError(f"sft_kl_target={self.sft_kl_target} needs sft_kl_coef > 0 to adapt from, got sft_kl_coef={self.sft_kl_coef}.")
+
+
+@dataclass
+class RegularizedDPOConfig(ValidatedConfig, PtxArguments, RewardAwareArguments, MarginArguments, DPOConfig):
     r"""
     [`~trl.DPOConfig`] plus DPO+NLL (eq. 7-8), per-pair margins and pretraining mixing.
 
@@ -276,42 +280,23 @@ class RegularizedDPOConfig(PtxArguments, RewardAwareArguments, MarginArguments, 
     nll_alpha: float = field(default=0.0, metadata={"help": "Weight of the chosen-completion NLL (eq. 7-8). 0 disables it."})
     nll_normalization: str = field(default="completion", metadata={"help": "NLL length normalizer.", "choices": list(NLL_NORMALIZATIONS)})
 
-    def __post_init__(self):
-        check_finite_numbers(self)
-        super().__post_init__()
-        self.validate_regularizers()
-
-    def validate_regularizers(self) -> None:
-        _at_least("nll_alpha", self.nll_alpha, 0.0)
-        _choice("nll_normalization", self.nll_normalization, NLL_NORMALIZATIONS)
-        self._validate_margins()
-        self._validate_reward_aware()
-        self._validate_ptx()
+    RULES = {"nll_alpha": at_least(0.0), "nll_normalization": Choice(NLL_NORMALIZATIONS)}
 
 
 @dataclass
-class RegularizedRewardConfig(PtxArguments, MarginArguments, RewardConfig):
+class RegularizedRewardConfig(ValidatedConfig, MarginArguments, RewardConfig):
     r"""
     [`~trl.RewardConfig`] plus the Llama 2 margin loss (eq. 9) with margins derived from ratings.
 
     With `margin_source=None` the trainer behaves like [`~trl.RewardTrainer`], which already subtracts a
     `margin` column when the dataset has one. Other sources derive that column before training; see
-    [`MarginArguments`]. Pretraining mixing ([`PtxArguments`]) applies to reward models with a language
-    modeling head only; see the trainer's docstring.
+    [`MarginArguments`]. (No pretraining mixing: a reward model has a sequence-classification head, not a
+    language-modeling one.)
     """
-
-    def __post_init__(self):
-        check_finite_numbers(self)
-        super().__post_init__()
-        self.validate_regularizers()
-
-    def validate_regularizers(self) -> None:
-        self._validate_margins()
-        self._validate_ptx()
 
 
 @dataclass
-class RegularizedGRPOConfig(PtxArguments, KLArguments, GRPOConfig):
+class RegularizedGRPOConfig(ValidatedConfig, PtxArguments, KLArguments, GRPOConfig):
     r"""
     [`~trl.GRPOConfig`] plus a choice of KL estimator, placement, direction, clamp and adaptive control
     ([`KLArguments`], coefficient = `beta`), and pretraining mixing ([`PtxArguments`]).
@@ -319,18 +304,9 @@ class RegularizedGRPOConfig(PtxArguments, KLArguments, GRPOConfig):
     Defaults (`k3` in the loss, reverse) reproduce stock GRPO.
     """
 
-    def __post_init__(self):
-        check_finite_numbers(self)
-        super().__post_init__()
-        self.validate_regularizers()
-
-    def validate_regularizers(self) -> None:
-        self._validate_kl(self.beta)
-        self._validate_ptx()
-
 
 @dataclass
-class RegularizedRLOOConfig(PtxArguments, KLArguments, RLOOConfig):
+class RegularizedRLOOConfig(ValidatedConfig, PtxArguments, KLArguments, RLOOConfig):
     r"""
     [`~trl.RLOOConfig`] plus a choice of KL estimator, placement, direction, clamp and adaptive control
     ([`KLArguments`], coefficient = `beta`), and pretraining mixing ([`PtxArguments`]).
@@ -338,17 +314,16 @@ class RegularizedRLOOConfig(PtxArguments, KLArguments, RLOOConfig):
     Defaults (`k1` in the reward, reverse) reproduce stock RLOO.
     """
 
-    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator.", "choices": list(kl_estimator_names())})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator.", "choices": KL_ESTIMATOR_CHOICES})
     kl_placement: str = field(default="reward", metadata={"help": "Where the KL penalty goes.", "choices": list(KL_PLACEMENTS)})
 
-    def __post_init__(self):
-        check_finite_numbers(self)
-        super().__post_init__()
-        self.validate_regularizers()
 
-    def validate_regularizers(self) -> None:
-        self._validate_kl(self.beta)
-        self._validate_ptx()
+@dataclass
+class RegularizedSFTConfig(ValidatedConfig, PtxArguments, SFTKLArguments, SFTConfig):
+    r"""
+    [`~trl.SFTConfig`] plus a KL anchor to the base model ([`SFTKLArguments`]) and replay of prior data
+    ([`PtxArguments`]). Defaults (`sft_kl_coef=0`, no ptx) reproduce stock SFT.
+    """
 
 
 def regularized_config(args, config_cls: type, model, trainer_name: str):
@@ -375,6 +350,5 @@ def regularized_config(args, config_cls: type, model, trainer_name: str):
         if new_field.name not in upgraded.__dict__:
             default = new_field.default if new_field.default_factory is MISSING else new_field.default_factory()
             setattr(upgraded, new_field.name, default)
-    check_finite_numbers(upgraded)
-    upgraded.validate_regularizers()
+    validate(upgraded)
     return upgraded

@@ -136,20 +136,29 @@ def margin_bucket_namer(args: MarginArguments) -> Callable[[float], str]:
     return name
 
 
-def check_dataset(dataset, formats: list[tuple[str, ...]], dataset_name: str, trainer_name: str) -> None:
+DATASET_FORMATS: dict[str, list[tuple[str, ...]]] = {
+    "preference": [("chosen", "rejected")],  # text pairs; DPO extracts a missing prompt from them
+    "reward": [("chosen", "rejected"), ("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids")],
+    "prompt": [("prompt",)],
+    "language_modeling": [("text",), ("messages",), ("prompt", "completion"), ("input_ids",)],
+}
+"""Column sets a kind of dataset must hold one of (``*_input_ids`` is TRL's legacy tokenized name)."""
+
+
+def check_dataset(dataset, kind: str, dataset_name: str, trainer_name: str) -> None:
     """Refuse, before training, a dataset the trainer cannot use, with one error naming what is wrong.
 
-    ``formats``: the column sets the trainer accepts (e.g. text ``("chosen", "rejected")`` or tokenized
-    ``("chosen_ids", "rejected_ids")``); the dataset must hold one of them. Map-style datasets must not be
-    empty, and their text columns (those not ending in ``_ids``) must hold strings or chat messages (lists of
-    ``{"role", "content"}`` dicts) in every row.
+    ``kind``: what the trainer reads (a key of ``DATASET_FORMATS``); the dataset must hold one of its column sets.
+    Map-style datasets must not be empty, and their text columns (those not ending in ``_ids``) must hold strings
+    or chat messages (lists of ``{"role", "content"}`` dicts) in every row.
     """
     if dataset is None:
         return
     if isinstance(dataset, dict):  # TRL accepts a dict of eval datasets
         for name, part in dataset.items():
-            check_dataset(part, formats, f"{dataset_name} ({name})", trainer_name)
+            check_dataset(part, kind, f"{dataset_name} ({name})", trainer_name)
         return
+    formats = DATASET_FORMATS[kind]
     sized = hasattr(dataset, "__len__")
     if (len(dataset) == 0) if sized else next(iter(dataset), None) is None:
         raise ValueError(f"The {dataset_name} dataset given to {trainer_name} is empty: it would train on nothing.")
@@ -173,3 +182,16 @@ def _is_text(value) -> bool:
     if isinstance(value, str):
         return True
     return isinstance(value, list) and all(isinstance(message, dict) and "content" in message for message in value)
+
+
+def mean_abs_score_gap(dataset, chosen: str, rejected: str, dataset_name: str = "train") -> float:
+    """Mean ``|r_c - r_r|`` over the pairs of a map-style dataset (weighted DPO's ``"abs_normalized"`` normalizer)."""
+    if not hasattr(dataset, "__len__") or getattr(dataset, "column_names", None) is None:
+        raise ValueError("reward_weighting='abs_normalized' needs a map-style training dataset to average |r_c - r_r| over; "
+                         "use reward_weighting='abs' or 'sigmoid' with an IterableDataset.")
+    gaps = [abs(float(c) - float(r)) for c, r in zip(dataset[chosen], dataset[rejected])]
+    scale = sum(gaps) / len(gaps)
+    if not scale > 0:
+        raise ValueError(f"reward_weighting='abs_normalized': every pair of the {dataset_name} dataset has equal scores, "
+                         "so every weight would be 0/0. Check the score columns.")
+    return scale

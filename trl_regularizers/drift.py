@@ -30,30 +30,17 @@ needs all ranks, which this satisfies, but costs one generate per rank.
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 
 import torch
 from transformers import TrainerCallback
 
 from trl_regularizers.core.full_kl import full_vocab_kl
+from trl_regularizers.models import frozen_copy
 
 
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen deep copy that runs the class's own ``forward``.
-
-    Trainers patch ``forward`` on the instance (TRL's fused LM head, accelerate's fp32 output wrapper);
-    those closures still call the *original* model, so a plain deepcopy would silently read the live
-    policy. Dropping the instance attribute restores the class method on the copy.
-    """
-    base = copy.deepcopy(model).eval().requires_grad_(False)
-    for module in base.modules():
-        module.__dict__.pop("forward", None)
-    return base
 
 
 def policy_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -39,13 +39,17 @@ def test_two_token_values_and_gradients_by_hand(direction, kl, grad):
 
 
 def test_auto_backend_is_torch_on_cpu_and_never_imports_the_kernels():
+    """In a fresh interpreter (this one may have imported them already): a CPU call resolves to torch and leaves
+    Triton and the kernels unimported."""
     code = (
         "import sys, torch; from trl_regularizers.core.full_kl import full_vocab_kl, resolve_backend;"
         "full_vocab_kl(torch.randn(2, 3, 5), torch.randn(2, 3, 5));"
-        "assert resolve_backend('auto', torch.device('cpu')) == 'torch';"
-        "assert not any(m.startswith(('triton', 'trl_regularizers.kernels')) for m in sys.modules), 'kernels imported'"
+        "print(resolve_backend('auto', torch.device('cpu')));"
+        "print(sorted(m for m in sys.modules if m.startswith(('triton', 'trl_regularizers.kernels'))))"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["torch", "[]"], result.stdout
 
 
 def test_backend_errors_name_the_choice():

@@ -14,7 +14,7 @@ from trl_regularizers.core.kl import (
     register_kl_estimator,
 )
 
-SAMPLED = kl_estimator_names(include_full=False)
+SAMPLED = kl_estimator_names("log_ratio")
 VALUE_UNBIASED = {"k1", "k3"}  # E_pi[k(r)] = KL exactly, in either direction
 
 
@@ -33,7 +33,7 @@ def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor, direction: str) -> torc
 
 def test_registry_lists_every_estimator_and_rejects_unknown_names():
     assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "abs", "full"}
-    assert SAMPLED == ("k1", "k2", "k3", "abs") and KL_ESTIMATORS["full"].needs_logits
+    assert SAMPLED == ("k1", "k2", "k3", "abs") and KL_ESTIMATORS["full"].needs_distribution
     assert kl_estimator_names() == ("k1", "k2", "k3", "abs", "full")
     with pytest.raises(ValueError, match="k1, k2, k3, abs"):
         get_kl_estimator("k4")

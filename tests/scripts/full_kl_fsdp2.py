@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from trl_regularizers.core.full_kl import full_vocab_kl_from_hidden
-from trl_regularizers.trainers.adapters.base import full_weight
+from trl_regularizers.models import full_weight
 
 
 def batch(rank: int) -> torch.Tensor:

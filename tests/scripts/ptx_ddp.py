@@ -14,18 +14,22 @@ import torch
 
 from trl_regularizers.configs import RegularizedDPOConfig
 from trl_regularizers.trainers.adapters.dpo import DPOAdapter
-from trl_regularizers.trainers.ptx import PtxRegularizer
+from trl_regularizers.trainers.build import ptx_term
 
 
-class PtxDPO(PtxRegularizer, DPOAdapter):
-    """Stock DPO (the adapter at its defaults) plus ``ptx_coef * NLL`` on ``pretrain_dataset``; ``ptx_only`` drops
-    the DPO loss (for GA checks)."""
+class PtxDPO(DPOAdapter):
+    """Stock DPO (the adapter with no preference terms) plus a ``PtxTerm`` on ``pretrain_dataset``; ``ptx_only``
+    drops the DPO loss (for GA checks)."""
 
     ptx_only = False
 
+    def __init__(self, *args, pretrain_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attach(ptx=ptx_term(self, self.args, pretrain_dataset))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.ptx_only:
-            return self.ptx_loss(model)
+            return self.scale_like_parent_loss(self.ptx_term.loss(model))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -47,14 +51,14 @@ def main(model_path: str, out_dir: str) -> None:
     )
     trainer = PtxDPO(model_path, args=args, train_dataset=preference_pairs(), pretrain_dataset=pretraining_texts())
     drawn = []
-    next_batch = trainer.ptx_stream.next_batch
+    next_batch = trainer.ptx_term.stream.next_batch
 
     def recording_next_batch():
         batch = next_batch()
         drawn.append(batch["input_ids"].tolist())
         return batch
 
-    trainer.ptx_stream.next_batch = recording_next_batch
+    trainer.ptx_term.stream.next_batch = recording_next_batch
     trainer.train()
     rank = trainer.accelerator.process_index
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -63,7 +67,7 @@ def main(model_path: str, out_dir: str) -> None:
         "num_processes": trainer.accelerator.num_processes,
         "ptx_coef": trainer.args.ptx_coef,
         "batches": drawn,
-        "state": trainer.ptx_stream.state_dict(),
+        "state": trainer.ptx_term.stream.state_dict(),
         "ptx_nll": [log["ptx/nll"] for log in trainer.state.log_history if "ptx/nll" in log],
         "param_sum": params.double().sum().item(),
         "param_abs_sum": params.double().abs().sum().item(),

@@ -48,4 +48,5 @@ def test_init_without_args_builds_the_regularized_defaults(tiny_lm_path, tiny_rm
     assert type(trainer.args) is config_cls
     model_path = tiny_rm_path if needs == "rm" else tiny_lm_path
     assert trainer.args.output_dir.endswith(f"{model_path.rstrip('/').split('/')[-1]}-{suffix}")
-    assert (trainer.args.learning_rate, trainer.args.ptx_coef) == (defaults.learning_rate, 0.0)
+    assert trainer.args.learning_rate == defaults.learning_rate
+    assert all(getattr(trainer.args, name) == getattr(defaults, name) for name in ("ptx_coef", "kl_estimator", "margin_source") if hasattr(defaults, name))

@@ -14,8 +14,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig
 
 from trl_regularizers.configs import RegularizedGRPOConfig
 from trl_regularizers.trainers.grpo import RegularizedGRPOTrainer
-from trl_regularizers.trainers.kl import estimate_kl
-from trl_regularizers.trainers.records import HiddenStates, KLRecord
+from trl_regularizers.core.records import KLRecord
 
 BETA = 0.04
 HAND_ESTIMATORS = {  # per-token formulas written out here, independent of trl_regularizers.core
@@ -207,7 +206,8 @@ def test_full_kl_in_loss_equals_exact_kl_from_logits(tiny_lm_path, tmp_path, dir
         expected = BETA * (inputs["full_kl"][direction] * mask).sum() / inputs["num_items_in_batch"]
         assert expected.abs() > 1e-4
         torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-7)
-        assert inputs["ref_hidden_states"].shape == (*mask.shape, trainer.model.config.hidden_size)
+        # the reference is scored with its hidden states in the loss: TRL's own pass was skipped, no [B, T, H] rides along
+        assert inputs.get("ref_per_token_logps") is None and all(v.dim() < 3 for v in inputs.values() if torch.is_tensor(v))
     assert all(math.isfinite(log["kl"]) and log["kl"] > 0 for log in logs)
 
 
@@ -223,11 +223,11 @@ def test_full_kl_gradient_is_the_exact_kl_gradient(tiny_lm_path, tmp_path):
         (kl * mask).sum().backward()
         return [parameter.grad.clone() for parameter in trainer.model.parameters()]
 
-    with trainer.recording_logp_calls() as calls:  # the policy call with grad, as in the loss
+    with trainer.logp_recorder.recording() as calls:  # the policy call with grad, as in the loss
         trainer._get_per_token_logps_and_entropies(trainer.model, *full_sequence(inputs))
-    ref_states = HiddenStates(inputs["ref_hidden_states"], trainer.lm_head_weight(trainer.ref_model), trainer.temperature)
-    record = KLRecord(calls[0].logps, inputs["ref_per_token_logps"], mask, calls[0].states, ref_states)
-    ours = gradient(estimate_kl(record, "full", "reverse", None))
+    reference = trainer.score_reference(calls[0])
+    record = KLRecord(calls[0].logps, reference.logps, mask, calls[0].states, reference.states)
+    ours = gradient(trainer.kl_penalty.estimate(record))
     exact = gradient(exact_full_kl(trainer, inputs, with_grad=True))
     for ours_grad, exact_grad in zip(ours, exact):
         torch.testing.assert_close(ours_grad, exact_grad, rtol=1e-4, atol=1e-6)
@@ -281,7 +281,7 @@ def test_adaptive_beta_updates_per_step_and_resumes_bit_for_bit(tiny_lm_path, tm
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     last = [log for log in resumed.state.log_history if "loss" in log][-1]
     assert last["step"] == 3 and last["kl/coef"] == logs[-1]["kl/coef"]  # bit for bit, not reset to the config's beta
-    assert resumed.beta == full.beta
+    assert resumed.kl_penalty.coef == full.kl_penalty.coef and resumed.beta == full.beta == BETA  # TRL's own beta: the config's
 
 
 def test_bias_warnings(tiny_lm_path, tmp_path, recwarn):
@@ -369,7 +369,7 @@ def test_adaptive_beta_cadence_with_several_steps_per_generation(tiny_lm_path, t
 
     class RecordBeta(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            betas.append(trainer.beta)
+            betas.append(trainer.kl_penalty.coef)
 
     args = online_args(RegularizedGRPOConfig, tmp_path, beta=BETA, kl_estimator="k1" if placement == "reward" else "k3",
                        kl_placement=placement, kl_target=1e-6, kl_horizon=10.0, max_steps=4, steps_per_generation=2)

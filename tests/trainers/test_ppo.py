@@ -16,6 +16,10 @@ import torch
 from tests.fixtures.make_ppo_fixture import FIXTURE, SCENARIOS, build_models, checksums
 from tests.fixtures.make_ppo_fixture import train as train_scenario
 from tests.trl_versions import HAS_PPO, requires_trl_ppo
+from trl_regularizers.components.kl import KLPenalty
+from trl_regularizers.core.ppo import shape_rewards
+from trl_regularizers.core.records import KLRecord
+from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -60,8 +64,6 @@ def _trainer(trainer_cls, args, lm_path, rm_path, **extra):
 
 
 def _regularized(tmp_path, lm_path, rm_path, pretrain_dataset=None, **overrides):
-    from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
-
     args = _config(RegularizedPPOConfig, tmp_path, **overrides)
     return _trainer(RegularizedPPOTrainer, args, lm_path, rm_path, pretrain_dataset=pretrain_dataset)
 
@@ -90,12 +92,6 @@ def test_parity_with_stock_ppo_trainer(tmp_path, tiny_lm_path, tiny_rm_path):
     assert ours.state.log_history[1]["loss/policy_avg"] != ours.state.log_history[0]["loss/policy_avg"]
 
 
-@pytest.fixture(scope="module")
-def kl_trainer(tmp_path_factory, tiny_lm_path, tiny_rm_path):
-    """One trainer whose KL options the KL tests set directly on `args`."""
-    return _regularized(tmp_path_factory.mktemp("kl"), tiny_lm_path, tiny_rm_path, kl_coef=0.1)
-
-
 def _hand_rollout():
     """Two responses: the first ends at index 1 (index 2 is padding), the second fills all 3 positions."""
     return {
@@ -122,23 +118,29 @@ HAND_KL = {
 }
 
 
+def _hand_penalty(tmp_path, **kl) -> KLPenalty:
+    """The KL penalty RegularizedPPOTrainer builds from its config (coefficient ``kl_coef``)."""
+    config = _config(RegularizedPPOConfig, tmp_path, kl_coef=0.1, **kl)
+    return KLPenalty.from_config(config, config.kl_coef, RegularizedPPOTrainer.TRL_KL, metrics=None, trainer_name="RegularizedPPOTrainer")
+
+
 @pytest.mark.parametrize(("estimator", "direction", "clamp"), list(HAND_KL))
-def test_kl_options_per_token_values(kl_trainer, estimator, direction, clamp):
-    """compute_kl gives the hand-computed per-token estimate, zero on padding, for every sampled-token option."""
-    kl_trainer.args.kl_estimator, kl_trainer.args.kl_direction, kl_trainer.args.kl_clamp = estimator, direction, clamp
-    kl = kl_trainer.compute_kl(_hand_rollout())
+def test_kl_options_per_token_values(tmp_path, estimator, direction, clamp):
+    """PPO's KL penalty gives the hand-computed per-token estimate, zero on padding, for every sampled-token option."""
+    penalty = _hand_penalty(tmp_path, kl_estimator=estimator, kl_direction=direction, kl_clamp=clamp)
+    rollout = _hand_rollout()
+    kl = penalty.estimate(KLRecord(rollout["logprobs"], rollout["ref_logprobs"], (~rollout["padding_mask"]).float()))
     torch.testing.assert_close(kl, torch.tensor(HAND_KL[estimator, direction, clamp]), rtol=1e-6, atol=1e-6)
 
 
-def test_kl_penalty_enters_per_token_reward(kl_trainer):
+def test_kl_penalty_enters_per_token_reward(tmp_path):
     """rewards_t = -kl_coef * KL_t, plus the score one past the last token (or on it when the response is full)."""
-    kl_trainer.args.kl_estimator, kl_trainer.args.kl_direction, kl_trainer.args.kl_clamp = "k2", "reverse", None
+    penalty = _hand_penalty(tmp_path, kl_estimator="k2", kl_clamp=None)
     rollout = _hand_rollout()
-    rollout["kl"] = kl_trainer.compute_kl(rollout)
-    kl_trainer.compute_rewards(rollout)
-    assert rollout["kl_coef"] == 0.1
+    kl = penalty.estimate(KLRecord(rollout["logprobs"], rollout["ref_logprobs"], (~rollout["padding_mask"]).float()))
+    _, rewards = shape_rewards(kl, rollout["scores"], rollout["sequence_lengths"], penalty.coef)
     expected = [[-0.0125, -0.05, 2.0], [0.0, -0.2, -0.45 - 1.0]]
-    torch.testing.assert_close(rollout["rewards"], torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rewards, torch.tensor(expected), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
@@ -155,13 +157,13 @@ def test_full_vocab_kl_matches_naive_kl_of_rollout_logits(tmp_path, tiny_lm_path
         for parameter in policy.model.layers[-1].parameters():  # make the policy differ from the reference copy
             parameter.add_(0.3 * torch.randn_like(parameter))
         queries = next(iter(trainer.dataloader))["input_ids"]
-        rollout = trainer.rollout(queries)
-        kl = trainer.compute_kl(rollout)
+        rollout = trainer.collect_rollout(queries)
         context, pad = queries.shape[1], trainer.processing_class.pad_token_id
-        logp = (forward(policy, rollout["query_responses"], pad).logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
-        logq = (forward(trainer.ref_model, rollout["query_responses"], pad).logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
+        logp = (forward(policy, rollout.query_responses, pad).logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
+        logq = (forward(trainer.ref_model, rollout.query_responses, pad).logits[:, context - 1 : -1] / 0.7).log_softmax(-1)
     naive = (logp.exp() * (logp - logq)).sum(-1) if direction == "reverse" else (logq.exp() * (logq - logp)).sum(-1)
-    naive = naive.masked_fill(rollout["padding_mask"], 0)
+    naive = naive.masked_fill(rollout.padding_mask, 0)
+    kl = rollout.kl
     assert naive.abs().max() > 1e-2  # the perturbation is visible
     torch.testing.assert_close(kl, naive, rtol=1e-3, atol=1e-4)
 
@@ -178,12 +180,10 @@ def test_full_vocab_kl_matches_naive_kl_of_rollout_logits(tmp_path, tiny_lm_path
         ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
         ({"num_ppo_epochs": 0}, "num_ppo_epochs must be >= 1, got 0"),
         ({"cliprange": float("nan")}, "cliprange must be a finite number"),
-        ({"missing_eos_penalty": -1.0}, "missing_eos_penalty must be >= 0.0, got -1.0"),
+        ({"missing_eos_penalty": -1.0}, "missing_eos_penalty must be >= 0 or None, got -1.0"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(tmp_path, overrides, message):
-    from trl_regularizers.trainers.ppo import RegularizedPPOConfig
-
     with pytest.raises(ValueError, match=re.escape(message)):
         _config(RegularizedPPOConfig, tmp_path, **overrides)
 
@@ -211,7 +211,7 @@ def test_resume_restores_adaptive_kl_coefficient_and_training_state(tmp_path, ti
     for name, value in expected.items():
         if name != "eps":
             assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
-    assert resumed.kl_controller.value == straight.kl_controller.value
+    assert resumed.kl_penalty.coef == straight.kl_penalty.coef
 
 
 def test_ptx_nll_is_mixed_into_each_micro_batch(tmp_path, tiny_lm_path, tiny_rm_path):
@@ -235,7 +235,7 @@ def test_ptx_nll_is_mixed_into_each_micro_batch(tmp_path, tiny_lm_path, tiny_rm_
                        for b in (stream.next_batch(), stream.next_batch())) / 2
     logs, baseline = with_ptx.state.log_history[0], without.state.log_history[0]
     assert logs["ptx/nll"] == pytest.approx(expected, rel=1e-5)
-    assert with_ptx.ptx_stream.state_dict()["block"] == 2 * 2  # two micro-batches x ptx_batch_size
+    assert with_ptx.ptx_term.stream.state_dict()["block"] == 2 * 2  # two micro-batches x ptx_batch_size
     assert logs["objective/scores"] == baseline["objective/scores"]  # same rollout ...
     trained = [p.detach() for p in with_ptx.accelerator.unwrap_model(with_ptx.model).policy.parameters()]
     plain = [p.detach() for p in without.accelerator.unwrap_model(without.model).policy.parameters()]
@@ -246,7 +246,6 @@ def test_right_padded_prompts_are_refused(tmp_path, tiny_lm_path, tiny_rm_path):
     """Generation continues after the padded prompt, so right padding would put pad tokens inside every rollout."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
     tokenizer.padding_side = "right"
@@ -266,8 +265,6 @@ def test_ptx_coef_without_pretrain_dataset_fails_before_training(tmp_path, tiny_
 def test_one_optimizer_step_per_mini_batch(tmp_path, tiny_lm_path, tiny_rm_path):
     """num_mini_batches=2: 2 updates x 2 epochs x 2 mini-batches = 8 optimizer steps (on TRL 1.12, stock PPOTrainer
     takes 4, one per gradient_accumulation_steps micro-batches, whatever num_mini_batches is)."""
-    from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
-
     kinds = [("ours", RegularizedPPOTrainer, RegularizedPPOConfig)]
     if HAS_PPO:
         from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -286,8 +283,8 @@ def test_one_optimizer_step_per_mini_batch(tmp_path, tiny_lm_path, tiny_rm_path)
 
 def _standalone_trainer_cls():
     """The package's own PPO implementation (what RegularizedPPOTrainer is on TRL >= 1.13), on any TRL."""
-    from trl_regularizers.trainers.adapters.ppo_standalone import StandalonePPOAdapter
-    from trl_regularizers.trainers.ppo import RegularizedPPOLoop
+    from trl_regularizers.trainers.ppo.loop import RegularizedPPOLoop
+    from trl_regularizers.trainers.ppo.standalone import StandalonePPOAdapter
 
     class StandaloneRegularizedPPOTrainer(RegularizedPPOLoop, StandalonePPOAdapter):
         pass
@@ -315,7 +312,7 @@ def test_metrics_match_stock_trl112_fixture(tmp_path, fixture_models, scenario, 
     """Same tiny models, prompts and seed: every metric stock TRL 1.12 logged is logged with the same value, on this
     TRL. Expected exact (same torch/transformers ops in the same order, same RNG draws); the tolerance only absorbs
     a BLAS that reorders sums."""
-    from trl_regularizers.trainers.ppo import STOCK_PPO, RegularizedPPOConfig, RegularizedPPOTrainer
+    from trl_regularizers.trainers.ppo import STOCK_PPO
 
     if implementation == "standalone" and not STOCK_PPO:
         pytest.skip("On TRL >= 1.13 RegularizedPPOTrainer is the standalone implementation (the other parameter).")
@@ -340,7 +337,6 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path, tiny_l
     untouched base model."""
     from peft import LoraConfig
 
-    from trl_regularizers.trainers.ppo import RegularizedPPOConfig, RegularizedPPOTrainer
 
     args = _config(RegularizedPPOConfig, tmp_path, total_episodes=8, num_ppo_epochs=2)
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -367,8 +363,7 @@ def test_config_has_stock_trl112_ppo_fields(tmp_path):
     """A TRL 1.12 PPO script's config keeps working: every PPOConfig field of TRL 1.12 exists with its default."""
     from dataclasses import fields
 
-    from trl_regularizers.trainers.adapters.ppo_standalone import PPOConfig
-    from trl_regularizers.trainers.ppo import RegularizedPPOConfig
+    from trl_regularizers.trainers.ppo.config import PPOConfig
 
     ours = {f.name: f for f in fields(RegularizedPPOConfig)}
     for name, default in STOCK_PPO_DEFAULTS.items():

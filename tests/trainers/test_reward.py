@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from datasets import Dataset
@@ -105,10 +107,11 @@ def test_non_finite_margin_column_fails_before_training(tiny_rm_path, tmp_path):
         RegularizedRewardTrainer(model=model, args=config(tmp_path), train_dataset=data)
 
 
-def test_ptx_is_refused_for_reward_models(tiny_rm_path, tmp_path):
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_path)
-    with pytest.raises(ValueError, match="ptx_coef=0.5 is not supported"):
-        RegularizedRewardTrainer(model=model, args=config(tmp_path, ptx_coef=0.5), train_dataset=ratings_dataset())
+def test_reward_config_has_no_ptx_fields():
+    """A sequence-classification reward model has no LM head to take a pretraining NLL from: no field offers it."""
+    assert not [f.name for f in dataclasses.fields(RegularizedRewardConfig) if f.name.startswith("ptx_")]
+    with pytest.raises(TypeError, match="ptx_coef"):
+        RegularizedRewardConfig(output_dir="o", bf16=False, ptx_coef=0.5)
 
 
 def hand_accuracy_per_label(model_path) -> dict[str, float]:

@@ -3,6 +3,7 @@ k3 overflow, adaptive beta, PEFT + gradient accumulation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -53,7 +54,7 @@ class RecordingRLOOTrainer(RegularizedRLOOTrainer):
         loss = super()._compute_loss(model, inputs)
         with torch.no_grad():
             without_kl = RLOOTrainer._compute_loss(self, model, inputs)
-        inputs = dict(inputs, full_kl=exact_full_kl(self, inputs))
+        inputs = dict(inputs, full_kl=exact_full_kl(self, inputs), ref_logps=completion_logps(self, self.ref_model, inputs))
         self.losses.append((loss.detach(), without_kl, inputs, completion_logps(self, self.model, inputs)))
         return loss
 
@@ -106,7 +107,7 @@ def test_loss_placement_adds_hand_computed_term(tiny_lm_path, tmp_path, estimato
         torch.testing.assert_close(rollout["advantages"], (grouped - baseline).view(-1))
     assert len(trainer.losses) == 2
     for loss, without_kl, inputs, logps in trainer.losses:
-        per_token = HAND_ESTIMATORS[estimator](logps - inputs["ref_per_token_logps"]) * inputs["completion_mask"]
+        per_token = HAND_ESTIMATORS[estimator](logps - inputs["ref_logps"]) * inputs["completion_mask"]
         expected = BETA * per_token.sum(-1).mean()  # RLOO's loss is a mean over sequences; the Trainer scales GA
         assert expected.abs() > 1e-4
         torch.testing.assert_close(loss - without_kl, expected, rtol=1e-4, atol=1e-7)
@@ -137,10 +138,9 @@ def test_full_kl_in_both_placements_equals_exact_kl_from_logits(tiny_lm_path, tm
 
 def test_k3_with_huge_log_ratio_stays_finite(tiny_lm_path, tmp_path):
     class HugeRatio(RegularizedRLOOTrainer):
-        def _generate_and_score_completions(self, inputs):
-            batch = super()._generate_and_score_completions(inputs)
-            batch["ref_per_token_logps"] = batch["ref_per_token_logps"] + 1e4  # log pi - log pi_ref = -1e4
-            return batch
+        def score_reference(self, call):  # the reference the loss placement scores: log pi - log pi_ref = -1e4
+            reference = super().score_reference(call)
+            return dataclasses.replace(reference, logps=reference.logps + 1e4)
 
     args = online_args(RegularizedRLOOConfig, tmp_path, kl_estimator="k3", kl_placement="loss", max_steps=1)
     (log,) = train_logs(HugeRatio(drifted_policy(tiny_lm_path), reward_distinct, args, prompts()))
@@ -154,4 +154,4 @@ def test_adaptive_beta_updates_once_per_step_in_both_placements(tiny_lm_path, tm
     trainer = RegularizedRLOOTrainer(drifted_policy(tiny_lm_path), reward_distinct, args, prompts())
     logs = train_logs(trainer)
     assert [log["kl/coef"] for log in logs] == [BETA, BETA * 0.98]  # KL far below target: error clips at -0.2
-    assert trainer.beta == BETA * 0.98 * 0.98
+    assert trainer.kl_penalty.coef == BETA * 0.98 * 0.98 and trainer.beta == BETA  # TRL's own beta: the config's

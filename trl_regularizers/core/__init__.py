@@ -2,17 +2,19 @@
 
 from trl_regularizers.core.control import AdaptiveKLController, FixedKLController, KLController, make_kl_controller
 from trl_regularizers.core.full_kl import full_vocab_kl, full_vocab_kl_from_hidden
+from trl_regularizers.core.records import HiddenStates, KLRecord, PreferenceRecord
 from trl_regularizers.core.kl import (
     KL_DIRECTIONS,
     KL_ESTIMATORS,
     KL_PLACEMENTS,
-    UNBIASED_FORWARD_KL_GRADIENT,
-    UNBIASED_REVERSE_KL_GRADIENT,
     get_kl_estimator,
+    kl_estimate,
     kl_estimator_names,
     masked_mean,
     per_token_kl,
     register_kl_estimator,
+    unbiased_pairs,
+    unregister_kl_estimator,
 )
 from trl_regularizers.core.losses import length_normalized_nll, margin_preference_loss, per_pair, ptx_nll
 from trl_regularizers.core.margins import (
@@ -47,12 +49,13 @@ from trl_regularizers.core.reward_aware import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "HiddenStates",
+    "KLRecord",
+    "PreferenceRecord",
     "KLController",
     "KL_DIRECTIONS",
     "KL_ESTIMATORS",
     "KL_PLACEMENTS",
-    "UNBIASED_FORWARD_KL_GRADIENT",
-    "UNBIASED_REVERSE_KL_GRADIENT",
     "LLAMA2_MARGIN_LARGE",
     "LLAMA2_MARGIN_SMALL",
     "MARGIN_SOURCES",
@@ -67,6 +70,7 @@ __all__ = [
     "full_vocab_kl_from_hidden",
     "gae",
     "get_kl_estimator",
+    "kl_estimate",
     "kl_estimator_names",
     "label_margin",
     "length_normalized_nll",
@@ -83,6 +87,8 @@ __all__ = [
     "rating_margin",
     "rebel_loss",
     "register_kl_estimator",
+    "unbiased_pairs",
+    "unregister_kl_estimator",
     "reward_weights",
     "rpo_loss",
     "shape_rewards",

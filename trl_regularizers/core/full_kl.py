@@ -33,7 +33,8 @@ from typing import Literal
 
 import torch
 
-from trl_regularizers.core.kl import KL_DIRECTIONS, KLDirection
+from trl_regularizers.core.kl import KL_DIRECTIONS, KLDirection, register_kl_estimator
+from trl_regularizers.core.records import KLRecord
 
 CHUNK_BUDGET_BYTES = 256 * 2**20
 """Default working memory of one chunk (``chunk_size=None``): 110 positions of a 151,936-entry vocabulary."""
@@ -381,3 +382,27 @@ def full_vocab_kl_from_hidden(
     kl = _apply_mask(kl.reshape(hidden.shape[:-1]), mask)
     why = f"the logits hidden @ weight.T overflow {hidden.dtype} or |logit| > {MAX_ABS_LOGIT:g}, or the inputs hold NaN/inf"
     return _check_finite(kl, mask, reverse, lambda index: why)
+
+
+@register_kl_estimator("full", needs="distribution", unbiased={("reverse", "loss"), ("forward", "loss")}, unbiased_times_ratio=True)
+def full(record: KLRecord, direction: KLDirection) -> torch.Tensor:
+    """Exact KL over the vocabulary at every position (eq. 3), computed in chunks; no variance.
+
+    From the record's logits [B, T, V] when it has them (``full_vocab_kl``), else from its final hidden states and
+    LM heads at their temperature (``full_vocab_kl_from_hidden``, no [B, T, V] tensor). The same value at every
+    sampled token, so in the reward it carries no gradient for the current token. Returns [B, T] float32, 0 where
+    ``record.mask`` is 0.
+    """
+    if record.logits is not None and record.ref_logits is not None:
+        return full_vocab_kl(record.logits, record.ref_logits, mask=record.mask, direction=direction)
+    policy, ref = record.policy_states, record.ref_states
+    if policy is None or ref is None:
+        raise ValueError("kl_estimator='full' needs the record's logits or its hidden states (policy and reference)")
+    return full_vocab_kl_from_hidden(
+        (policy.hidden / policy.temperature).to(policy.weight.dtype),
+        (ref.hidden.detach() / ref.temperature).to(ref.weight.dtype),
+        policy.weight,
+        ref.weight,
+        mask=record.mask,
+        direction=direction,
+    )

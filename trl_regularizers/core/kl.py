@@ -1,20 +1,24 @@
-"""KL estimators: one registry whose entries carry what they need and where their gradient is unbiased.
+"""KL estimators: one registry whose entries say what they need, how they are computed and where their gradient
+is unbiased.
 
-Sampled-token estimators are functions of the per-token log-ratio ``r = log pi(y_t) - log pi_ref(y_t)`` of a
-token ``y_t`` sampled from ``pi`` (Schulman 2020, "Approximating KL divergence"):
+Sampled-token estimators (``needs="log_ratio"``) are functions of the per-token log-ratio
+``r = log pi(y_t) - log pi_ref(y_t)`` of a token ``y_t`` sampled from ``pi`` (Schulman 2020, "Approximating KL
+divergence"):
 
 * ``reverse`` direction estimates KL(pi || pi_ref) (eq. 2-4 of the regularization chapter);
 * ``forward`` direction estimates KL(pi_ref || pi) by importance weighting: with ``s = -r`` and
   ``rho = exp(s) = pi_ref / pi``, the value is ``rho * k(s)``; for k3 this is ``rho * log(rho) - rho + 1``.
 
-``full`` is the exact sum over the vocabulary (``trl_regularizers.core.full_kl``): it needs logits or final
-hidden states, not log-ratios (``KLEstimator.needs``).
+Distribution estimators (``needs="distribution"``) read the whole next-token distributions of a ``KLRecord``:
+its logits, or its final hidden states and LM heads (``full``, registered in ``core.full_kl``). A trainer records
+whichever it can and ``kl_estimate`` calls the entry.
 
 Each entry's ``unbiased`` set says in which (direction, placement) its expected gradient is the gradient of
-that direction's KL: the one table read by the trainers' warnings, ``docs/kl_estimators.md`` and
-``tests/core/test_kl_gradients.py`` (which re-derives it by exact enumeration).
+that direction's KL: the one table read by the configs' choices, the trainers' warnings, the table of
+``docs/kl_estimators.md`` (``estimator_table``) and ``tests/core/test_kl_gradients.py`` (which re-derives it by
+exact enumeration).
 
-Adding an estimator is one decorated function; config validation and the shared tests pick it up.
+Adding an estimator of either kind is one decorated function with its docstring (formula, shapes, source).
 """
 
 from __future__ import annotations
@@ -24,14 +28,20 @@ from typing import Callable, Literal
 
 import torch
 
+from trl_regularizers.core.checks import check_finite
+from trl_regularizers.core.records import KLRecord
+
 KLEstimatorFn = Callable[[torch.Tensor], torch.Tensor]
+DistributionKLFn = Callable[[KLRecord, str], torch.Tensor]
 KLDirection = Literal["reverse", "forward"]
 KLPlacement = Literal["loss", "reward"]
+KLNeeds = Literal["log_ratio", "distribution"]
 
 KL_DIRECTIONS: tuple[str, ...] = ("reverse", "forward")
 KL_PLACEMENTS: tuple[str, ...] = ("loss", "reward")
 """``loss``: the estimate is added to the loss (pathwise gradient through log pi only).
 ``reward``: it is subtracted from the reward (score-function gradient, no gradient through it)."""
+KL_NEEDS: tuple[str, ...] = ("log_ratio", "distribution")
 
 
 @dataclass(frozen=True)
@@ -40,54 +50,65 @@ class KLEstimator:
 
     Attributes:
         name: the ``kl_estimator`` value.
-        fn: per-token estimate from the log-ratio (any shape -> same shape); None when ``needs == "logits"``.
-        needs: ``"log_ratio"`` (sampled-token log-probs suffice) or ``"logits"`` (the whole distribution, from
-            logits or from final hidden states and the LM head).
+        fn: ``needs="log_ratio"``: per-token estimate from the log-ratio (any shape -> same shape);
+            ``needs="distribution"``: ``fn(record, direction) -> [B, T]`` from a ``KLRecord``'s logits or hidden states.
+        needs: ``"log_ratio"`` (sampled-token log-probs suffice) or ``"distribution"`` (the whole next-token
+            distributions: logits, or final hidden states and the LM head).
         unbiased: (direction, placement) pairs whose expected gradient is the gradient of that KL.
         unbiased_times_ratio: the loss term ``k(r) * pi/pi_old`` (GRPO's ``use_bias_correction_kl``; the ratio
             is 1 in value and adds the score-function part) has an unbiased reverse-KL gradient. Its gradient is
             ``(k'(r) + k(r)) grad log pi``: ``1 + r`` for k1, exactly ``r`` for k3; for ``full`` the added part
             has zero mean.
+        summary: the first line of ``fn``'s docstring (the doc table's description).
     """
 
     name: str
-    fn: KLEstimatorFn | None
-    needs: Literal["log_ratio", "logits"]
+    fn: Callable
+    needs: KLNeeds
     unbiased: frozenset[tuple[str, str]]
     unbiased_times_ratio: bool = False
 
     @property
-    def needs_logits(self) -> bool:
-        return self.needs == "logits"
+    def needs_distribution(self) -> bool:
+        return self.needs == "distribution"
+
+    @property
+    def summary(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
 
 
 KL_ESTIMATORS: dict[str, KLEstimator] = {}
 
 
 def register_kl_estimator(
-    name: str, unbiased: set[tuple[str, str]] = frozenset(), unbiased_times_ratio: bool = False
-) -> Callable[[KLEstimatorFn], KLEstimatorFn]:
-    """Register ``fn(log_ratio) -> per-token estimate`` under ``name`` with its gradient metadata."""
+    name: str, needs: KLNeeds = "log_ratio", unbiased: set[tuple[str, str]] = frozenset(), unbiased_times_ratio: bool = False
+) -> Callable[[Callable], Callable]:
+    """Register ``fn`` under ``name`` with what it needs and its gradient metadata: ``fn(log_ratio) -> per-token
+    estimate`` (``needs="log_ratio"``) or ``fn(record, direction) -> [B, T]`` (``needs="distribution"``)."""
+    if needs not in KL_NEEDS:
+        raise ValueError(f"needs={needs!r} is not valid. Allowed values: {', '.join(KL_NEEDS)}.")
+    for direction, placement in unbiased:
+        if direction not in KL_DIRECTIONS or placement not in KL_PLACEMENTS:
+            raise ValueError(f"unknown (direction, placement) {(direction, placement)!r} for {name!r}")
 
-    def decorator(fn: KLEstimatorFn) -> KLEstimatorFn:
-        _register(KLEstimator(name, fn, "log_ratio", frozenset(unbiased), unbiased_times_ratio))
+    def decorator(fn: Callable) -> Callable:
+        if name in KL_ESTIMATORS:
+            raise ValueError(f"KL estimator {name!r} is already registered")
+        KL_ESTIMATORS[name] = KLEstimator(name, fn, needs, frozenset(unbiased), unbiased_times_ratio)
         return fn
 
     return decorator
 
 
-def _register(entry: KLEstimator) -> None:
-    if entry.name in KL_ESTIMATORS:
-        raise ValueError(f"KL estimator {entry.name!r} is already registered")
-    for direction, placement in entry.unbiased:
-        if direction not in KL_DIRECTIONS or placement not in KL_PLACEMENTS:
-            raise ValueError(f"unknown (direction, placement) {(direction, placement)!r} for {entry.name!r}")
-    KL_ESTIMATORS[entry.name] = entry
+def unregister_kl_estimator(name: str) -> None:
+    """Remove ``name`` from the registry (for tests and experiments that register a temporary estimator)."""
+    kl_estimator_info(name)
+    del KL_ESTIMATORS[name]
 
 
-def kl_estimator_names(include_full: bool = True) -> tuple[str, ...]:
-    """Names accepted by ``kl_estimator`` options (``include_full=False``: the sampled-token ones only)."""
-    return tuple(name for name, entry in KL_ESTIMATORS.items() if include_full or not entry.needs_logits)
+def kl_estimator_names(needs: KLNeeds | None = None) -> tuple[str, ...]:
+    """Names accepted by ``kl_estimator`` options, in registration order (``needs``: only those of that kind)."""
+    return tuple(name for name, entry in KL_ESTIMATORS.items() if needs is None or entry.needs == needs)
 
 
 def kl_estimator_info(name: str) -> KLEstimator:
@@ -101,10 +122,10 @@ def kl_estimator_info(name: str) -> KLEstimator:
 def get_kl_estimator(name: str) -> KLEstimatorFn:
     """The per-token function of the sampled-token estimator ``name``."""
     entry = kl_estimator_info(name)
-    if entry.fn is None:
+    if entry.needs_distribution:
         raise ValueError(
-            f"KL estimator {name!r} needs {entry.needs}, not log-ratios: use trl_regularizers.core.full_kl. "
-            f"Sampled-token estimators: {', '.join(kl_estimator_names(include_full=False))}."
+            f"KL estimator {name!r} needs the whole distributions, not log-ratios: use kl_estimate with a KLRecord. "
+            f"Sampled-token estimators: {', '.join(kl_estimator_names('log_ratio'))}."
         )
     return entry.fn
 
@@ -117,6 +138,26 @@ def unbiased_estimators(placement: str, direction: str = "reverse", times_ratio:
     if placement == "loss" and times_ratio and direction == "reverse":
         return sorted(name for name, entry in KL_ESTIMATORS.items() if entry.unbiased_times_ratio)
     return sorted(name for name, entry in KL_ESTIMATORS.items() if (direction, placement) in entry.unbiased)
+
+
+def unbiased_pairs(direction: str) -> frozenset[tuple[str, str]]:
+    """(estimator, placement) pairs with an unbiased gradient of the ``direction`` KL, from the registry.
+
+    Derived in docs/kl_estimators.md and checked by exact enumeration in tests/core/test_kl_gradients.py. Note that
+    reverse-direction k3 in the loss (GRPO's default) has the expected gradient of the *forward* KL."""
+    return frozenset((name, p) for name, entry in KL_ESTIMATORS.items() for d, p in entry.unbiased if d == direction)
+
+
+def estimator_table() -> str:
+    """The Markdown table of the registry in ``docs/kl_estimators.md`` (a test keeps the doc equal to it)."""
+    rows = ["| estimator | needs | reverse KL, unbiased in | forward KL, unbiased in | with GRPO's `use_bias_correction_kl` | what it is |",
+            "|---|---|---|---|---|---|"]
+    for name, entry in KL_ESTIMATORS.items():
+        places = {d: ", ".join(f"`{p}`" for p in KL_PLACEMENTS if (d, p) in entry.unbiased) or "none" for d in KL_DIRECTIONS}
+        ratio = "unbiased" if entry.unbiased_times_ratio else "biased"
+        summary = entry.summary.replace("|", "\\|")  # a literal bar inside a table cell
+        rows.append(f"| `{name}` | {entry.needs.replace('_', '-')} | {places['reverse']} | {places['forward']} | {ratio} | {summary} |")
+    return "\n".join(rows)
 
 
 @register_kl_estimator("k1", unbiased={("reverse", "reward")}, unbiased_times_ratio=True)
@@ -144,12 +185,6 @@ def k3(log_ratio: torch.Tensor) -> torch.Tensor:
 def abs_kl(log_ratio: torch.Tensor) -> torch.Tensor:
     """abs = |r|. Biased (an upper bound of k1 per token), non-negative."""
     return log_ratio.abs()
-
-
-FULL_VOCAB = KLEstimator("full", None, "logits", frozenset({("reverse", "loss"), ("forward", "loss")}), True)
-"""Exact full-vocabulary KL per position (``core.full_kl``); the same at every sampled token, so in the reward
-it carries no gradient for the current token."""
-_register(FULL_VOCAB)
 
 
 MAX_CLAMP = 50.0
@@ -186,7 +221,7 @@ def per_token_kl(
     Args:
         logps: log pi(y_t), any shape (typically [B, T]); gradients flow through it.
         ref_logps: log pi_ref(y_t), same shape; treated as a constant (detached).
-        estimator: a name from ``kl_estimator_names(include_full=False)``.
+        estimator: a name from ``kl_estimator_names("log_ratio")``.
         direction: ``"reverse"`` estimates KL(pi||pi_ref), ``"forward"`` estimates KL(pi_ref||pi).
         clamp: ``kl_clamp``: the reference is bounded to within ``clamp`` of ``logps`` first
             (``bound_reference``), so values and gradients stay finite.
@@ -206,6 +241,24 @@ def per_token_kl(
     return torch.exp(ref_to_policy) * fn(ref_to_policy)
 
 
+def kl_estimate(record: KLRecord, estimator: str, direction: KLDirection = "reverse", clamp: float | None = None) -> torch.Tensor:
+    """The ``estimator``'s per-token KL [B, T] for a record, zero outside ``record.mask``; checked finite.
+
+    Sampled-token estimators read ``record.logps`` and ``record.ref_logps`` (``per_token_kl``, bounded by
+    ``clamp``); distribution estimators call their registered function on the record (they exponentiate no
+    log-ratio, so ``clamp`` does not apply). Raises ``FloatingPointError`` naming the estimator if a value is
+    not finite.
+    """
+    entry = kl_estimator_info(estimator)
+    if entry.needs_distribution:
+        estimate = entry.fn(record, direction)
+    elif record.logps is None:
+        raise ValueError(f"KL estimator {estimator!r} needs the log-probs of tokens sampled from the policy; this record has none.")
+    else:
+        estimate = per_token_kl(record.logps, record.ref_logps, estimator, direction, clamp)
+    return check_finite(f"KL ({estimator})", estimate * record.mask)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``values`` over positions where ``mask`` is nonzero (all dims, or one ``dim``); 0 where none is.
     Masked-out positions count for nothing, even when they hold inf or NaN."""
@@ -216,12 +269,3 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked.sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def unbiased_pairs(direction: str) -> frozenset[tuple[str, str]]:
-    """(estimator, placement) pairs with an unbiased gradient of the ``direction`` KL, from the registry."""
-    return frozenset((name, p) for name, entry in KL_ESTIMATORS.items() for d, p in entry.unbiased if d == direction)
-
-
-UNBIASED_REVERSE_KL_GRADIENT = unbiased_pairs("reverse")
-"""Derived in docs/kl_estimators.md and checked by exact enumeration in tests/core/test_kl_gradients.py."""
-UNBIASED_FORWARD_KL_GRADIENT = unbiased_pairs("forward")
-"""Note that reverse-direction k3 in the loss (GRPO's default) has the expected gradient of the *forward* KL."""

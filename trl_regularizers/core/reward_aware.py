@@ -22,12 +22,17 @@ Notation: ``a = beta * gap`` is the implicit reward gap of DPO, ``b = eta * rewa
 Shapes: ``B`` pairs; inputs [B] or [B, 1]; outputs [B]. Half-precision inputs are computed and returned in float32.
 Every user-set number (``beta``, ``eta``, the normalizer) is checked finite and in range; tensors are not
 inspected (no device sync).
+
+``REWARD_AWARE_LOSSES`` is the registry of the names ``reward_aware_loss`` accepts: each entry is one decorated
+function ``fn(gap, reward_diff, settings) -> RewardAwareResult`` with what the config must check about it.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -220,3 +225,88 @@ def weighted_dpo_loss(logratio_gap: torch.Tensor, weights: torch.Tensor, beta: f
             raise ValueError(f"margin has {margin.shape[0]} rows but there are {gap.shape[0]} pairs")
         logits = logits - margin.to(dtype)
     return w.detach() * -F.logsigmoid(logits)
+
+
+@dataclass(frozen=True)
+class RewardAwareSettings:
+    """What a reward-aware loss reads besides the per-pair tensors."""
+
+    beta: float
+    """DPO's beta (> 0)."""
+    eta: float
+    """The reward scale / REBEL step size / weight scale (``reward_eta``)."""
+    weighting: str = "abs_normalized"
+    """``reward_weighting`` (weighted DPO)."""
+    normalizer: float | None = None
+    """Mean ``|r_c - r_r|`` over the training pairs (weighted DPO with ``"abs_normalized"``)."""
+    margin: torch.Tensor | None = None
+    """[B] per-pair margins (weighted DPO only)."""
+
+
+@dataclass(frozen=True)
+class RewardAwareResult:
+    """[B] per-pair tensors of a reward-aware loss."""
+
+    losses: torch.Tensor
+    """The loss of each pair, with its graph."""
+    implicit_gap: torch.Tensor
+    """The policy-side quantity fitted to the target (``reward_aware/implicit_gap``)."""
+    reward_gap: torch.Tensor
+    """The target from the scores (``reward_aware/reward_gap``)."""
+    weights: torch.Tensor | None = None
+    """Pair weights, where the loss weighs pairs (``reward_aware/weight``)."""
+
+
+@dataclass(frozen=True)
+class RewardAwareLoss:
+    """A registered reward-aware loss: its function and what its config must satisfy."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, RewardAwareSettings], RewardAwareResult]
+    takes_margin: bool = False
+    """Per-pair margins combine with it (elsewhere the reward gap already sets the target)."""
+    eta_positive: bool = False
+    """It divides by ``eta``, which must then be > 0 (else >= 0)."""
+    uses_weighting: bool = False
+    """It reads ``reward_weighting`` (and, for ``"abs_normalized"``, the normalizer)."""
+
+
+REWARD_AWARE_LOSSES: dict[str, RewardAwareLoss] = {}
+
+
+def register_reward_aware_loss(name: str, takes_margin: bool = False, eta_positive: bool = False, uses_weighting: bool = False):
+    """Register ``fn(gap [B], reward_diff [B], settings) -> RewardAwareResult`` under the ``reward_aware_loss`` name."""
+
+    def decorator(fn):
+        if name in REWARD_AWARE_LOSSES:
+            raise ValueError(f"reward-aware loss {name!r} is already registered")
+        REWARD_AWARE_LOSSES[name] = RewardAwareLoss(name, fn, takes_margin, eta_positive, uses_weighting)
+        return fn
+
+    return decorator
+
+
+def _register_rpo(distance: str) -> None:
+    def rpo(gap: torch.Tensor, reward_diff: torch.Tensor, settings: RewardAwareSettings) -> RewardAwareResult:
+        return RewardAwareResult(rpo_loss(gap, reward_diff, settings.beta, settings.eta, distance), settings.beta * gap, settings.eta * reward_diff)
+
+    rpo.__doc__ = f"RPO with the {distance!r} distance: ``rpo_loss(gap, reward_diff, beta, eta, {distance!r})``."
+    register_reward_aware_loss(f"rpo_{distance}")(rpo)
+
+
+for _distance in RPO_DISTANCES:
+    _register_rpo(_distance)
+
+
+@register_reward_aware_loss("rebel", eta_positive=True)
+def rebel(gap: torch.Tensor, reward_diff: torch.Tensor, settings: RewardAwareSettings) -> RewardAwareResult:
+    """REBEL: ``rebel_loss(gap, reward_diff, eta)``; fits ``gap / eta`` to the reward gap."""
+    return RewardAwareResult(rebel_loss(gap, reward_diff, settings.eta), gap / settings.eta, reward_diff)
+
+
+@register_reward_aware_loss("weighted_dpo", takes_margin=True, uses_weighting=True)
+def weighted_dpo(gap: torch.Tensor, reward_diff: torch.Tensor, settings: RewardAwareSettings) -> RewardAwareResult:
+    """Reward-weighted DPO: ``weighted_dpo_loss(gap, reward_weights(reward_diff, ...), beta, margin)``."""
+    weights = reward_weights(reward_diff, settings.weighting, settings.eta, settings.normalizer)
+    losses = weighted_dpo_loss(gap, weights, settings.beta, settings.margin)
+    return RewardAwareResult(losses, settings.beta * gap, settings.eta * reward_diff, weights)

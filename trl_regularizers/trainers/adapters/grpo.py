@@ -1,11 +1,15 @@
 """Adapter of ``trl.GRPOTrainer`` (docs/trl_internals.md §4). Line numbers are TRL 1.16's ``grpo_trainer.py``.
 
-Insertion points used by ``KLRegularizer``:
-* the reference log-probs TRL reads in ``_compute_loss`` are bounded (``bound_reference``) before it reads them;
-* ``placement="loss"`` with another estimator: TRL's k3 is switched off and ``beta * kl_penalty`` (times GRPO's
-  importance ratio when ``use_bias_correction_kl``) is added, reduced like TRL's per-token loss;
-* ``placement="reward"``: a ``kl_penalty`` reward column ``-beta * sum_t kl_t`` (weight 1) joins the reward
-  functions, so it is summed into the reward before the group normalization.
+Where an attached ``KLPenalty`` goes:
+* its own KL (k3 in the loss, reverse; ``plan.native``): TRL computes it with the penalty's coefficient, from the
+  reference log-probs bounded by ``kl_clamp`` right after the policy call of ``_compute_loss`` (L3030), before TRL
+  reads them (L3099);
+* another estimator in the loss: TRL's k3 is switched off (``trl_beta(0)``) and ``coef * estimate`` (times GRPO's
+  importance ratio when ``use_bias_correction_kl``) is added, reduced like TRL's per-token loss
+  (``grpo_aggregations``). A distribution estimator scores the reference at loss time with its hidden states (TRL's
+  rollout skips its own reference pass then), so no [B, T, H] tensor rides in TRL's batch;
+* the reward: a ``kl_penalty`` reward column ``-coef * sum_t kl_t`` (weight 1) joins the reward functions, so it is
+  summed into the reward before the group normalization; TRL's k3 is switched off in the loss.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import torch
 import trl
 from trl import GRPOTrainer
 
-from trl_regularizers.trainers.adapters.base import REF_HIDDEN_KEY, LogpCall, OnlineAdapter
-from trl_regularizers.trainers.records import HiddenStates, KLRecord
+from trl_regularizers.core.records import KLRecord
+from trl_regularizers.trainers.adapters.online import LogpCall, OnlineAdapter
 
 KL_REWARD_NAME = "kl_penalty"
 
@@ -46,25 +50,27 @@ def grpo_aggregations(trainer) -> dict:
 
 
 class GRPOAdapter(OnlineAdapter, GRPOTrainer):
-    trl_kl_placement = "loss"
+    TRL_CLASSES = ("Trainer", "GRPOTrainer")
+    TRL_KL = ("k3", "loss")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        plan = self.kl_plan()
-        changes_kl = not plan.native or getattr(self.args, "kl_target", None) is not None
-        if hasattr(GRPOTrainer, "compute_liger_loss") and self.args.use_liger_kernel and self.beta != 0.0 and changes_kl:
+    def attach(self, kl=None, ptx=None) -> None:
+        super().attach(kl, ptx)
+        if kl is None or not kl.enabled:
+            return
+        plan = kl.plan
+        if hasattr(GRPOTrainer, "compute_liger_loss") and self.args.use_liger_kernel and (not plan.native or kl.adaptive):
             # TRL 1.12-1.13 route compute_loss to compute_liger_loss (L3030 in 1.12), which computes its own KL
             raise ValueError(
                 f"use_liger_kernel=True replaces GRPO's loss with Liger's in TRL {trl.__version__}, which computes its own "
                 "KL: the KL options would be ignored. Set use_liger_kernel=False, or upgrade TRL."
             )
-        if self.beta != 0.0 and not plan.native and plan.placement == "loss" and self.loss_type not in grpo_aggregations(self):
+        if not plan.native and plan.placement == "loss" and self.loss_type not in grpo_aggregations(self):
             raise ValueError(
-                f"loss_type={self.loss_type!r} is new to this adapter: it does not know how TRL {GRPOTrainer.__module__} "
-                "reduces that loss, so a KL term in the loss cannot be added like TRL's. Use kl_placement='reward', "
-                "or the default kl_estimator='k3'."
+                f"loss_type={self.loss_type!r} is new to this adapter: it does not know how TRL {trl.__version__} reduces "
+                "that loss, so a KL term in the loss cannot be added like TRL's. Use kl_placement='reward', or the "
+                "default kl_estimator='k3'."
             )
-        if self.beta != 0.0 and plan.placement == "reward":
+        if plan.placement == "reward":
             if self.multi_objective_aggregation != "sum_then_normalize":
                 raise ValueError(
                     "kl_placement='reward' needs multi_objective_aggregation='sum_then_normalize': with "
@@ -78,23 +84,25 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
             self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
 
     def _generate_and_score_completions(self, inputs):
-        plan = self.kl_plan()
-        if self.beta == 0.0 or not (plan.placement == "reward" or plan.needs_states):
+        kl = self.kl_penalty
+        if kl is None or not kl.enabled:
             return super()._generate_and_score_completions(inputs)
-        with self.recording_logp_calls() as calls:
-            output = super()._generate_and_score_completions(inputs)
-        if plan.placement == "loss":  # keep the reference's hidden states (not its logits) for the loss
-            output[REF_HIDDEN_KEY] = next(call.states.hidden for call in calls if call.logps is output["ref_per_token_logps"])
-        return output
+        if kl.plan.placement == "reward":
+            with self.logp_recorder.recording():  # the KL reward column reads the calls of this rollout
+                return super()._generate_and_score_completions(inputs)
+        if kl.plan.needs_distribution:
+            with self.trl_beta(0.0):  # the loss scores the reference with its hidden states: skip TRL's pass (L2710)
+                return super()._generate_and_score_completions(inputs)
+        return super()._generate_and_score_completions(inputs)
 
     def _kl_reward_column(self, completion_ids, **kwargs) -> list[float]:
-        """The ``kl_penalty`` reward of each completion of this process: ``-beta * sum_t kl_t``."""
+        """The ``kl_penalty`` reward of each completion of this process: ``-coef * sum_t kl_t``."""
         # The rollout scores the policy (L2646, only when TRL needs old log-probs) and then the reference (L2712 or
         # L2728) before the reward functions run (L2753): the last recorded call is the reference.
-        *old, ref = self._logp_calls
-        policy = old[0] if old else self.score_like(ref)
-        record = KLRecord(policy.logps, ref.logps, ref.mask, policy.states, ref.states)
-        return (-self.beta * self.kl_penalty(record, logged_by_trl=False).sum(-1)).tolist()
+        *old, reference = self.logp_recorder.calls
+        policy = old[0] if old else self.score_policy(reference)
+        estimate = self.kl_penalty.penalty(KLRecord(policy.logps, reference.logps, reference.mask, policy.states, reference.states))
+        return (-self.kl_penalty.coef * estimate.sum(-1)).tolist()
 
     def _calculate_rewards(self, *args, **kwargs):
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)
@@ -104,40 +112,46 @@ class GRPOAdapter(OnlineAdapter, GRPOTrainer):
         return rewards_per_func
 
     def _compute_loss(self, model, inputs):
-        if self.beta == 0.0:
+        kl = self.kl_penalty
+        if kl is None or not kl.enabled:
             return super()._compute_loss(model, inputs)
-        plan = self.kl_plan()
+        plan = kl.plan
+        if plan.placement == "reward":
+            with self.trl_beta(0.0):  # the KL is in the advantages already: drop TRL's k3 (L3098-3150)
+                return super()._compute_loss(model, inputs)
+        if plan.native:
+            return self._native_loss(model, inputs)
+        with self.trl_beta(0.0), self.logp_recorder.recording() as calls:  # TRL's k3 off; ours is added below
+            loss = super()._compute_loss(model, inputs)
+        policy = calls[0]  # the policy call of _compute_loss (L3030) is its only one
+        mask = self._loss_mask(inputs)
+        if plan.needs_distribution:
+            reference = self.score_reference(policy)
+            record = KLRecord(policy.logps, reference.logps, mask, policy.states, reference.states)
+        else:
+            record = KLRecord(policy.logps, inputs["ref_per_token_logps"], mask)
+        estimate = kl.penalty(record)
+        if self.args.use_bias_correction_kl:  # TRL multiplies its KL by the importance ratio (L3104-3105)
+            estimate = estimate * self._importance_ratio(policy.logps, inputs, mask)
+        return loss + kl.coef * grpo_aggregations(self)[self.loss_type](estimate * mask, mask, inputs)
+
+    def _native_loss(self, model, inputs):
+        """TRL's own k3 at the penalty's coefficient, from the reference bounded by ``kl_clamp``; the penalty logs it."""
         inputs = dict(inputs)  # buffered batches are reused when num_iterations > 1: never modify them
         ref_logps = inputs["ref_per_token_logps"]
 
-        def bound_ref(call: LogpCall) -> None:  # the policy call (L3030) comes before TRL reads the reference (L3099)
-            inputs["ref_per_token_logps"] = self.bound_reference(call.logps, ref_logps)
+        def bound_reference(call: LogpCall) -> None:  # the policy call (L3030) comes before TRL reads the reference (L3099)
+            inputs["ref_per_token_logps"] = self.kl_penalty.bound_reference(call.logps, ref_logps)
 
-        beta = self.beta
-        if not plan.native:
-            # TRL adds beta * k3 whenever self.beta != 0 (L3098-3150) and has no switch for it: hold beta at 0 while
-            # it computes its loss; ours is added below (loss) or is already in the advantages (reward).
-            self.beta = 0.0
-        try:
-            with self.recording_logp_calls(on_call=bound_ref) as calls:
-                loss = super()._compute_loss(model, inputs)
-        finally:
-            self.beta = beta
-        if plan.placement == "reward":
-            return loss
-        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
-        policy = calls[0]
-        ref_states = None
-        if plan.needs_states:
-            ref_weight = self.lm_head_weight(self.model if self.ref_model is None else self.ref_model, trainable=False)
-            ref_states = HiddenStates(inputs[REF_HIDDEN_KEY], ref_weight, self.temperature)
-        record = KLRecord(policy.logps, ref_logps, mask, policy.states, ref_states)
-        estimate = self.kl_penalty(record, logged_by_trl=plan.native)
-        if plan.native:
-            return loss
-        if self.args.use_bias_correction_kl:  # TRL multiplies its KL by the importance ratio (L3104-3105)
-            estimate = estimate * self._importance_ratio(policy.logps, inputs, mask)
-        return loss + beta * grpo_aggregations(self)[self.loss_type](estimate * mask, mask, inputs)
+        with self.trl_beta(self.kl_penalty.coef), self.logp_recorder.recording(on_call=bound_reference) as calls:
+            loss = super()._compute_loss(model, inputs)
+        self.kl_penalty.penalty(KLRecord(calls[0].logps, ref_logps, self._loss_mask(inputs)), logged_by_trl=True)
+        return loss
+
+    @staticmethod
+    def _loss_mask(inputs) -> torch.Tensor:
+        """The tokens TRL's loss counts: the completion, without tool-call tokens (L3040)."""
+        return inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
 
     def _importance_ratio(self, logps, inputs, mask):
         """pi / pi_old per token (or per sequence), as TRL computes ``coef_1`` (L3065-3095)."""

@@ -1,16 +1,16 @@
 """Adapter of TRL 1.12's ``trl.experimental.ppo.PPOTrainer`` (docs/trl_internals.md §6; removed in TRL 1.13).
 
 ``RegularizedPPOTrainer`` uses it on TRL 1.12 only, so that it stays a subclass of the stock trainer there; on
-TRL >= 1.13 it uses ``ppo_standalone.py`` (the package's own PPO setup) instead. The parent's ``__init__`` is
-reused as is (policy + value wrapper, reference, reward model, dataloader, accelerator, optimizer); ``train()``
-is the regularized trainer's own. This module holds everything that names TRL 1.12's PPO internals: generation,
-the policy/reference/value/reward forwards, response truncation. Checkpointing is shared (``PPOPieces``).
-Line numbers are ``trl/experimental/ppo/ppo_trainer.py`` of TRL 1.12.
+TRL >= 1.13 it stands on the package's own setup (``trainers/ppo/standalone.py``) instead. The parent's ``__init__``
+is reused as is (policy + value wrapper, reference, reward model, dataloader, accelerator, optimizer); ``train()``
+is the regularized loop's (``trainers/ppo/loop.py``). This module holds everything that names TRL 1.12's PPO
+internals: generation, the policy/reference/value/reward forwards, response truncation. Line numbers are
+``trl/experimental/ppo/ppo_trainer.py`` of TRL 1.12.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import trl
@@ -20,33 +20,40 @@ if Version(trl.__version__).release >= (1, 13):
     raise ImportError(
         f"trl_regularizers.trainers.adapters.ppo adapts TRL 1.12's trl.experimental.ppo, which TRL removed in 1.13 "
         f"(TRL {trl.__version__} is installed). RegularizedPPOTrainer does not need it there: it uses "
-        "trl_regularizers.trainers.adapters.ppo_standalone. For stock TRL 1.12 PPO: pip install 'trl-regularizers[ppo]'."
+        "trl_regularizers.trainers.ppo.standalone. For stock TRL 1.12 PPO: pip install 'trl-regularizers[ppo]'."
     )
 
 from transformers import GenerationConfig  # noqa: E402
-from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from trl.experimental.ppo.ppo_trainer import INVALID_LOGPROB, batch_generation, forward, truncate_response  # noqa: E402
+from trl.experimental.ppo import PPOTrainer  # noqa: E402
+from trl.experimental.ppo.ppo_trainer import batch_generation, forward, truncate_response  # noqa: E402
 from trl.experimental.utils import first_true_indices, get_reward  # noqa: E402
 from trl.models.utils import unwrap_model_for_generation  # noqa: E402
 from trl.trainer.utils import selective_log_softmax  # noqa: E402
 
 from trl_regularizers.trainers.adapters.base import TrainerAdapter  # noqa: E402
-from trl_regularizers.trainers.adapters.ppo_standalone import PPOPieces  # noqa: E402
-
-__all__ = ["INVALID_LOGPROB", "PPOAdapter", "PPOConfig"]
+from trl_regularizers.trainers.ppo.checkpoint import PPOCheckpoints  # noqa: E402
 
 
-class PPOAdapter(PPOPieces, TrainerAdapter, PPOTrainer):
-    """TRL 1.12's PPO pieces as methods; ``_metrics`` so the shared metric helpers work (PPO 1.12 has none)."""
+class PPOAdapter(PPOCheckpoints, TrainerAdapter, PPOTrainer):
+    """TRL 1.12's PPO pieces as the methods the regularized loop calls."""
+
+    TRL_CLASSES = ("Trainer", "PPOCheckpoints", "PPOTrainer")
 
     def __init__(self, args, *rest, **kwargs):
-        # The parent accepts only kl_estimator in {k1, k3} (L404-409); the regularized loop reads the real one.
+        with self._estimator_accepted_by_trl(args):
+            super().__init__(args, *rest, **kwargs)
+        self.init_metric_lists()  # PPO 1.12 never calls Trainer.__init__, so it has no _metrics (L349-568)
+
+    @staticmethod
+    @contextmanager
+    def _estimator_accepted_by_trl(args):
+        """The parent's ``__init__`` accepts only ``kl_estimator`` in {k1, k3} (L404-409) and reads it nowhere else the
+        regularized loop uses: hold it at ``"k1"`` while that ``__init__`` runs."""
         estimator, args.kl_estimator = args.kl_estimator, "k1"
         try:
-            super().__init__(args, *rest, **kwargs)
+            yield
         finally:
             args.kl_estimator = estimator
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def generate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled ``query_responses`` [B, Tq + T] and the sampling logits [B, T, V] at the response positions (L682-696)."""

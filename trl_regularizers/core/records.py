@@ -26,10 +26,11 @@ class HiddenStates:
 class KLRecord:
     """Per-token inputs of a KL estimate for a batch of completions sampled from the policy."""
 
-    logps: torch.Tensor
-    """[B, T] log pi(y_t): with its graph inside a loss, detached at rollout time."""
-    ref_logps: torch.Tensor
-    """[B, T] log pi_ref(y_t), detached."""
+    logps: torch.Tensor | None
+    """[B, T] log pi(y_t): with its graph inside a loss, detached at rollout time. None where the tokens are not
+    samples of the policy (SFT's data tokens): only estimators of the whole distribution apply then."""
+    ref_logps: torch.Tensor | None
+    """[B, T] log pi_ref(y_t), detached (None with ``logps``)."""
     mask: torch.Tensor
     """[B, T] float, 1 on the completion tokens that count."""
     policy_states: HiddenStates | None = None
