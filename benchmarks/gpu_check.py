@@ -17,7 +17,9 @@ there); ``gpu_wheels.py --verify`` (installed versions vs. the requirements); th
 5. ``5_grpo_full.json``: GRPO with the exact KL in the loss and in the reward vs stock GRPO (one shared stock side),
    generation included.
 
-Time: the whole run ends within ``--budget-s`` (480 s). Each step has a planned cap (``plan_s``, summing to the
+``--only 3_dpo_nll,5_grpo_full`` reruns some figures (after install and verify) in the sum of their plans.
+
+Time: the whole run ends within ``--budget-s`` (480 s for every step). Each step has a planned cap (``plan_s``, summing to the
 budget); a step may use what earlier steps left unused, never what later steps plan. A step still running at its cap
 is killed (its process group); the trainer figures get ``--budget-s`` = their cap minus ``TRAINER_MARGIN_S`` and so
 cut themselves to fewer rounds rather than be killed. Every figure rewrites its JSON as it goes, so a kill still
@@ -309,19 +311,37 @@ class Driver:
         return self.summary
 
 
+def select(steps: list[Step], only: str | None) -> list[Step]:
+    """The steps to run: all, or install, verify and the figures named in ``only`` (comma-separated)."""
+    if not only:
+        return steps
+    names = only.split(",")
+    figures = [step.name for step in steps if step.figure]
+    unknown = [name for name in names if name not in figures]
+    if unknown:
+        raise ValueError(f"--only names {unknown}, not figures; valid: {', '.join(figures)}")
+    return [step for step in steps if not step.figure or step.name in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, no install")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time, the install included")
+    parser.add_argument("--only", default=None, help="comma-separated figures to run (after install and verify), e.g. a rerun of 3_dpo_nll")
+    parser.add_argument("--budget-s", type=float, default=None, help="the whole run's time, the install included (default: the steps' plans, 480 s for all)")
     args = parser.parse_args()
     if not args.out:
         parser.error("no output folder: pass --out or set OUT")
-    planned = sum(step.plan_s for step in STEPS)
-    if not (math.isfinite(args.budget_s) and args.budget_s >= planned):
+    try:
+        steps = select(STEPS, args.only)
+    except ValueError as error:
+        parser.error(str(error))
+    planned = sum(step.plan_s for step in steps)
+    budget = planned if args.budget_s is None else args.budget_s
+    if not (math.isfinite(budget) and budget >= planned):
         parser.error(f"--budget-s {args.budget_s} must be a finite number of seconds >= the steps' planned {planned:.0f}")
     os.makedirs(args.out, exist_ok=True)
-    summary = Driver(STEPS, args.out, args.budget_s, args.dry_run).run()
+    summary = Driver(steps, args.out, budget, args.dry_run).run()
     failed = [name for name, step in summary["steps"].items() if step["status"] not in ("ok", "skipped")]
     sys.exit(1 if failed else 0)
 

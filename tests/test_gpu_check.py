@@ -187,6 +187,15 @@ def test_caps_pass_unused_time_forward_and_never_take_a_later_steps_plan(bench, 
     assert driver.cap(2) == pytest.approx(16, abs=0.5)
 
 
+def test_only_reruns_named_figures_after_install_and_verify_within_their_plans(bench):
+    gpu_check = bench[0]
+    assert sum(step.plan_s for step in gpu_check.STEPS) == 480  # the 8 minutes, the install included
+    steps = gpu_check.select(gpu_check.STEPS, "5_grpo_full,3_dpo_nll")
+    assert [step.name for step in steps] == ["install", "verify", "3_dpo_nll", "5_grpo_full"]
+    with pytest.raises(ValueError, match=r"\['verify'\], not figures"):
+        gpu_check.select(gpu_check.STEPS, "3_dpo_nll,verify")
+
+
 def test_verdicts_read_the_whole_interval(bench):
     verdict = bench[0].verdict
     assert verdict(1.0, [0.98, 1.01], 1.02) == "met"
