@@ -4,6 +4,7 @@
     python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
     python benchmarks/trainer_bench.py --profile cpu --specs grpo,grpo_k2,grpo_full
     python benchmarks/trainer_bench.py --profile cpu --specs dpo_ptx,dpo_ptx_logits   # + the ptx batch's fwd+bwd alone
+    python benchmarks/trainer_bench.py --profile h100 --specs grpo_full,grpo_full_reward --share-stock --budget-s 100
     .venv-trl112/bin/python benchmarks/trainer_bench.py --ppo stock --json stock.json   # PPO: one side per TRL
     .venv/bin/python benchmarks/trainer_bench.py --ppo ours --json ours.json             # (stock needs TRL 1.12)
 
@@ -13,8 +14,14 @@ first, ...; default: the profile's, 5 on ``h100``), and the first ``--warmup`` s
 time is measured around each optimizer step (CUDA-synchronized); peak memory is ``torch.cuda.max_memory_allocated``
 over the run (GPU only). Each round gives one ratio (median step time of ours over stock's); the report gives their
 median and a 95% bootstrap interval, so a ratio inside the machine's noise shows as an interval around 1.
-For ptx specs the harness also times one forward+backward of a ptx batch alone on the same model, and reports
-``ptx_cost_ratio = (ours - stock) / that``: the issue's target is <= 1.05.
+``--share-stock`` runs several specs with the same stock side in one alternation (stock, a, b, then b, a, stock, ...),
+so the stock runs are shared. ``--budget-s`` starts a round only while the longest round so far (after the first,
+which also compiles) still fits in the budget counted from the start, so a figure is cut to fewer rounds instead of
+running past a time limit; the JSON is rewritten after every round, so a killed run leaves the rounds done.
+For ptx specs the harness also times one forward+backward of a ptx batch alone on the same model, through the
+[B, T, V] logits (``core.losses.ptx_nll``) and from the hidden states in chunks (``core.losses.chunked_nll_from_hidden``),
+with the peak memory of each on CUDA, and reports ``ptx_cost_ratio = (ours - stock) / (the logits path's time)``:
+the issue's target is <= 1.05.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import random
 import statistics
@@ -33,14 +41,25 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
 
-from trl_regularizers.core.losses import ptx_nll
+from bench_common import Deadline, spread, utc_now, write_json
+from trl_regularizers.core.losses import chunked_nll_from_hidden, ptx_nll
 from trl_regularizers.testing import byte_tokenizer, make_tiny_causal_lm
 
 PROFILES = {
     # batch = per_device_train_batch_size pairs; prompt + completion bytes = tokens of the byte tokenizer
-    "cpu": dict(batch=2, prompt_len=24, completion_len=40, steps=8, rounds=2, model="tiny"),
-    "h100": dict(batch=8, prompt_len=256, completion_len=512, steps=12, rounds=5, model="qwen2-0.5b"),
+    "cpu": dict(batch=2, prompt_len=24, completion_len=40, steps=8, warmup=3, rounds=2, model="tiny"),
+    "h100": dict(batch=8, prompt_len=256, completion_len=512, steps=12, warmup=3, rounds=5, model="qwen2-0.5b"),
+    # CI's dry run of gpu_check.py: the h100 code path (a Qwen2Config model whose vocabulary exceeds the tokenizer's)
+    "dry": dict(batch=2, prompt_len=16, completion_len=8, steps=3, warmup=1, rounds=2, model="qwen2-dry"),
 }
+MODEL_SHAPES = {
+    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, max_position_embeddings=32768),
+    "qwen2-dry": dict(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512),
+}
+MODEL_MARKER = "bench_model.json"
+"""Written beside a model that ``make_model`` built, naming its shape, so that ``--model-dir`` reuses only the same one."""
 
 
 @dataclass
@@ -109,18 +128,28 @@ class StepTimer(TrainerCallback):
 
 
 def make_model(profile: dict, folder: str) -> str:
+    """Build the profile's random-init model into ``folder``, or reuse the one a previous call built there."""
+    marker = os.path.join(folder, MODEL_MARKER)
+    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            built = json.load(f)["model"]
+        if built != profile["model"]:
+            raise ValueError(f"--model-dir {folder} holds the {built!r} model, not the profile's {profile['model']!r}")
+        return folder
     if profile["model"] == "tiny":
-        return make_tiny_causal_lm(folder)
-    tokenizer = byte_tokenizer()
-    config = Qwen2Config(  # Qwen2-0.5B shapes, random init
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+        make_tiny_causal_lm(folder)
+    else:
+        tokenizer = byte_tokenizer()
+        config = Qwen2Config(  # random init; bf16 on disk, as every GPU run loads it
+            **MODEL_SHAPES[profile["model"]], tie_word_embeddings=True, rope_theta=1e6,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        )
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    with open(marker, "w") as f:
+        json.dump({"model": profile["model"]}, f)
     return folder
 
 
@@ -150,27 +179,55 @@ def make_pretrain_dataset(profile: dict) -> Dataset:
     return Dataset.from_dict({"text": ["".join(rng.choice("abcdefghij klmnop") for _ in range(4 * sequence_length(profile))) for _ in range(64)]})
 
 
-def time_ptx_alone(model_path: str, profile: dict, repeats: int) -> float:
-    """Median time of one forward+backward of a ptx batch (batch x block tokens) through the model, as in training."""
+def time_ptx_alone(model_path: str, profile: dict, repeats: int) -> dict:
+    """One forward+backward of a ptx batch (batch x block tokens) through the model, as in training, by two paths:
+    ``logits`` (the model's [B, T, V] logits, ``ptx_nll``) and ``chunked`` (the backbone's hidden states and the
+    LM-head weight, ``chunked_nll_from_hidden``). Per path: median seconds (first call dropped), the NLL, and on
+    CUDA the peak memory of one call above the model's weights (activations, logits or chunks, and gradients)."""
     on_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.to("cuda" if on_gpu else "cpu").train()
     input_ids = torch.randint(0, model.config.vocab_size, (profile["batch"], sequence_length(profile)), device=model.device)
-    times = []
-    for _ in range(repeats):
+
+    def through_logits():
+        return ptx_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+
+    def chunked():
+        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        weight = model.get_output_embeddings().weight
+        return chunked_nll_from_hidden(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, input_ids[:, 1:].reshape(-1))
+
+    def sync():
         if on_gpu:
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        ptx_nll(logits, input_ids).backward()
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, loss_fn in (("logits", through_logits), ("chunked", chunked)):
+        times, nll, peak = [], None, None
+        for index in range(repeats + 1):
+            sync()
+            if on_gpu and index == 1:  # after the first call: allocator and kernels warm
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                loss = loss_fn()
+            loss.backward()
+            sync()
+            times.append(time.perf_counter() - start)
+            if on_gpu and index == 1:
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            nll = loss.item()
+            model.zero_grad(set_to_none=True)
+            del loss
+        out[name] = {"median_s": statistics.median(times[1:]), "nll": nll, "peak_GiB": peak}
     del model
     gc.collect()
-    return statistics.median(times[1:])
+    if on_gpu:
+        torch.cuda.empty_cache()
+        out["chunked_over_logits_memory"] = out["chunked"]["peak_GiB"] / out["logits"]["peak_GiB"]
+    return out
 
 
 def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: dict, out_dir: str, seed: int) -> dict:
@@ -195,6 +252,8 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
         model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer(), callbacks=[timer], **task_inputs
     )
     for name, value in side.attributes.items():
+        if not hasattr(trainer, name):  # a renamed attribute would otherwise be set in vain and measure the default
+            raise AttributeError(f"{type(trainer).__name__} has no attribute {name!r} to set for this spec")
         setattr(trainer, name, value)
     if on_gpu:
         torch.cuda.synchronize()
@@ -209,36 +268,58 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
     return {"times": timer.times, "peak_GiB": peak, "losses": losses}
 
 
-def spread(ratios: list[float], resamples: int = 2000) -> dict:
-    """Median of the per-round ratios and a 95% bootstrap interval of that median."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return {"median": statistics.median(ratios), "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]], "rounds": ratios}
-
-
-def bench(name: str, spec: Spec, model_path: str, dataset: Dataset, profile: dict, rounds: int, warmup: int) -> dict:
-    runs = {"stock": [], "ours": []}
-    for round_index in range(rounds):
-        order = ("stock", "ours") if round_index % 2 == 0 else ("ours", "stock")
-        for which in order:
-            with tempfile.TemporaryDirectory() as out_dir:
-                runs[which].append(run_side(getattr(spec, which), spec.task, model_path, dataset, profile, out_dir, seed=round_index))
+def summarize(spec: Spec, stock_runs: list[dict], ours_runs: list[dict], warmup: int, ptx_alone: dict | None) -> dict:
+    """Medians, per-round ratios with their interval, peak memory and (ptx specs) the added cost of one spec."""
     result = {"note": spec.note}
-    for which, results in runs.items():
+    for which, results in (("stock", stock_runs), ("ours", ours_runs)):
         times = [t for r in results for t in r["times"][warmup:]]
         peaks = [r["peak_GiB"] for r in results if r["peak_GiB"] is not None]
         result[which] = {"median_s": statistics.median(times), "steps": len(times), "peak_GiB": max(peaks) if peaks else None,
                          "first_losses": results[0]["losses"][:3]}
+    round_medians = [(statistics.median(s["times"][warmup:]), statistics.median(o["times"][warmup:])) for s, o in zip(stock_runs, ours_runs)]
     result["time_ratio"] = result["ours"]["median_s"] / result["stock"]["median_s"]
-    result["time_ratio_per_round"] = spread([statistics.median(o["times"][warmup:]) / statistics.median(s["times"][warmup:])
-                                             for s, o in zip(runs["stock"], runs["ours"])])
-    if spec.ours.fields.get("ptx_coef"):
-        result["ptx_alone_s"] = time_ptx_alone(model_path, profile, repeats=2 * profile["steps"])
-        result["ptx_cost_ratio"] = (result["ours"]["median_s"] - result["stock"]["median_s"]) / result["ptx_alone_s"]
+    result["time_ratio_per_round"] = spread([o / s for s, o in round_medians])
+    if spec.ours.fields.get("ptx_coef") and ptx_alone:
+        alone = ptx_alone["logits"]["median_s"]
+        result["ptx_alone_s"] = alone
+        result["ptx_cost_ratio"] = (result["ours"]["median_s"] - result["stock"]["median_s"]) / alone
+        result["ptx_cost_ratio_per_round"] = spread([(o - s) / alone for s, o in round_medians])
     if result["stock"]["peak_GiB"]:
         result["memory_ratio"] = result["ours"]["peak_GiB"] / result["stock"]["peak_GiB"]
-        result["memory_ratio_per_round"] = spread([o["peak_GiB"] / s["peak_GiB"] for s, o in zip(runs["stock"], runs["ours"])])
+        result["memory_ratio_per_round"] = spread([o["peak_GiB"] / s["peak_GiB"] for s, o in zip(stock_runs, ours_runs)])
     return result
+
+
+def bench(names: list[str], model_path: str, dataset: Dataset, profile: dict, rounds: int, warmup: int, deadline: Deadline,
+          ptx_alone: dict | None = None, on_round=None) -> tuple[dict, int]:
+    """Run the specs ``names`` (one stock side, shared) in alternating rounds; ``on_round(results, rounds_done)`` after
+    each. A round starts only while the longest one so far (the first excluded once there are others: it also
+    compiles) still fits in ``deadline``. Returns (results, rounds done)."""
+    specs = [SPECS[name] for name in names]
+    if any(spec.stock != specs[0].stock or spec.task != specs[0].task for spec in specs):
+        raise ValueError(f"specs {names} do not share one stock side and task: run them without --share-stock")
+    sides = {"stock": specs[0].stock} | {name: spec.ours for name, spec in zip(names, specs)}
+    runs = {key: [] for key in sides}
+    round_seconds: list[float] = []
+    results: dict = {}
+    for round_index in range(rounds):
+        predicted = max(round_seconds[1:] or round_seconds or [0.0])  # the first round also compiles and warms up
+        if round_seconds and not deadline.fits(predicted):
+            print(f"{','.join(names)}: cut to {round_index} of {rounds} rounds (a round takes about {predicted:.0f} s, "
+                  f"{deadline.left():.0f} s of the budget left)", flush=True)
+            break
+        start = time.monotonic()
+        order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
+        for key in order:
+            with tempfile.TemporaryDirectory() as out_dir:
+                runs[key].append(run_side(sides[key], specs[0].task, model_path, dataset, profile, out_dir, seed=round_index))
+        round_seconds.append(time.monotonic() - start)
+        results = {name: summarize(spec, runs["stock"], runs[name], warmup, ptx_alone) for name, spec in zip(names, specs)}
+        for result in results.values():
+            result["round_seconds"] = list(round_seconds)
+        if on_round:
+            on_round(results, len(round_seconds))
+    return results, len(round_seconds)
 
 
 PPO_SPEC = dict(
@@ -303,53 +384,113 @@ def bench_ppo(side: str, updates: int, rounds: int, warmup: int) -> dict:
             "spec": PPO_SPEC, "round_median_s": medians, "median_s": statistics.median([x for t in times for x in t]), "last_log": last_log}
 
 
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``, else an error naming the value and the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
+def print_result(name: str, result: dict) -> None:
+    if "ptx_cost_ratio" in result:
+        low, high = result["ptx_cost_ratio_per_round"]["ci95"]
+        print(f"{name:16s} ptx forward+backward alone {result['ptx_alone_s']:.4f} s, added cost / that = "
+              f"{result['ptx_cost_ratio_per_round']['median']:.3f} (95% [{low:.3f}, {high:.3f}])")
+    memory = f"  peak {result['stock']['peak_GiB']:.2f} -> {result['ours']['peak_GiB']:.2f} GiB ({result['memory_ratio']:.3f}x)" if "memory_ratio" in result else ""
+    low, high = result["time_ratio_per_round"]["ci95"]
+    print(f"{name:16s} step {result['stock']['median_s']:.4f} -> {result['ours']['median_s']:.4f} s "
+          f"({result['time_ratio_per_round']['median']:.3f}x, 95% [{low:.3f}, {high:.3f}]){memory}   [{result['note']}]", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ppo", choices=["stock", "ours"], default=None, help="time one side of the PPO spec instead of --specs")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from: {', '.join(SPECS)}")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: the profile's)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the profile's)")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 keeps CPU timings stable on a shared machine)")
+    parser.add_argument("--share-stock", action="store_true", help="one alternation for all specs, sharing the stock runs")
+    parser.add_argument("--rounds", type=at_least(1), default=None, help="alternating rounds (default: the profile's)")
+    parser.add_argument("--warmup", type=at_least(0), default=None, help="steps dropped at the start of each run (default: the profile's)")
+    parser.add_argument("--steps", type=at_least(1), default=None, help="optimizer steps per run (default: the profile's)")
+    parser.add_argument("--batch", type=at_least(2), default=None, help="pairs (DPO) or generations (GRPO) per step")
+    parser.add_argument("--prompt-len", type=at_least(1), default=None, help="prompt tokens (default: the profile's)")
+    parser.add_argument("--completion-len", type=at_least(1), default=None, help="completion tokens (default: the profile's)")
+    parser.add_argument("--budget-s", type=seconds, default=None, help="start no round that would end after this many seconds")
+    parser.add_argument("--model-dir", default=None, help="build the model here, or reuse the one built here before")
+    parser.add_argument("--json", default=None, help="the report, rewritten after every round")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (1 keeps CPU timings stable on a shared machine)")
     args = parser.parse_args()
+    deadline = Deadline(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
     profile = dict(PROFILES[args.profile])
-    if args.steps:
-        profile["steps"] = args.steps
+    for name in ("steps", "warmup", "batch", "prompt_len", "completion_len"):
+        if getattr(args, name) is not None:
+            profile[name] = getattr(args, name)
     args.rounds = args.rounds or profile["rounds"]
+    args.warmup = profile.pop("warmup")
+    if not args.ppo and profile["steps"] <= args.warmup:
+        parser.error(f"--steps {profile['steps']} must exceed --warmup {args.warmup}: no step would be timed")
+    names = args.specs.split(",")
+    unknown = [name for name in names if name not in SPECS]
+    if unknown:
+        parser.error(f"unknown specs {unknown}; valid: {', '.join(SPECS)}")
     import trl
 
     if args.ppo:
-        report = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+        report = {"date": utc_now(), "device": platform.processor() or platform.machine(), "torch": torch.__version__,
                   "trl": trl.__version__, "threads": torch.get_num_threads(), **bench_ppo(args.ppo, args.steps or 10, args.rounds, args.warmup)}
         print(json.dumps(report, indent=1))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+        write_json(args.json, report)
         return
+    import transformers
 
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "profile": args.profile, **profile, "rounds": args.rounds, "warmup": args.warmup,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "trl": trl.__version__, "threads": torch.get_num_threads(), "results": {},
+        "date": utc_now(), "profile": args.profile, **profile, "rounds": args.rounds, "rounds_done": {}, "warmup": args.warmup,
+        "budget_s": args.budget_s, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "results": {},
     }
+    write_json(args.json, report)  # the settings, before any result: a run killed in its first round still says what it ran
     with tempfile.TemporaryDirectory() as folder:
-        model_path = make_model(profile, folder)
+        model_path = make_model(profile, args.model_dir or folder)
         dataset = make_dataset(profile, rows=profile["batch"] * profile["steps"])
-        for name in args.specs.split(","):
-            report["results"][name] = result = bench(name, SPECS[name], model_path, dataset, profile, args.rounds, args.warmup)
-            if "ptx_cost_ratio" in result:
-                print(f"{name:14s} ptx forward+backward alone {result['ptx_alone_s']:.4f} s, added cost / that = {result['ptx_cost_ratio']:.3f}")
-            memory = f"  peak {result['stock']['peak_GiB']:.2f} -> {result['ours']['peak_GiB']:.2f} GiB ({result['memory_ratio']:.3f}x)" if "memory_ratio" in result else ""
-            low, high = result["time_ratio_per_round"]["ci95"]
-            print(f"{name:14s} step {result['stock']['median_s']:.4f} -> {result['ours']['median_s']:.4f} s "
-                  f"({result['time_ratio_per_round']['median']:.3f}x, 95% [{low:.3f}, {high:.3f}]){memory}   [{result['note']}]", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        if any(SPECS[name].ours.fields.get("ptx_coef") for name in names):
+            report["ptx_alone"] = ptx_alone = time_ptx_alone(model_path, profile, repeats=2 * profile["steps"])
+            print(f"ptx batch alone: {json.dumps(ptx_alone)}", flush=True)
+            write_json(args.json, report)
+        else:
+            ptx_alone = None
+        groups = [names] if args.share_stock else [[name] for name in names]
+        for group in groups:
+
+            def record(results, rounds_done, group=group):
+                report["results"].update(results)
+                report["rounds_done"][",".join(group)] = rounds_done
+                write_json(args.json, report)
+
+            results, _ = bench(group, model_path, dataset, profile, args.rounds, args.warmup, deadline, ptx_alone, on_round=record)
+            for name, result in results.items():
+                print_result(name, result)
+    write_json(args.json, report)
     print(json.dumps(report, indent=1))
 
 
