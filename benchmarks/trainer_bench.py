@@ -67,7 +67,7 @@ class Side:
     trainer: str  # "trl.DPOTrainer" or "trl_regularizers.RegularizedDPOTrainer"
     config: str
     fields: dict = field(default_factory=dict)
-    attributes: dict = field(default_factory=dict)  # set on the trainer after construction
+    attributes: dict = field(default_factory=dict)  # set on the trainer after construction (a dotted path: on a component)
 
 
 @dataclass
@@ -85,7 +85,7 @@ SPECS = {
     "dpo_nll": Spec(STOCK_DPO, Side(*OURS_DPO, {"nll_alpha": 0.2}), "DPO+NLL (eq. 7-8), target <= 1.02x"),
     "dpo_margin": Spec(STOCK_DPO, Side(*OURS_DPO, {"margin_source": "rating"}), "margins from ratings, target <= 1.02x"),
     "dpo_ptx": Spec(STOCK_DPO, Side(*OURS_DPO, {"ptx_coef": 0.5}), "ptx mixing, target <= 1.05x the ptx forward+backward"),
-    "dpo_ptx_logits": Spec(STOCK_DPO, Side(*OURS_DPO, {"ptx_coef": 0.5}, {"ptx_from_hidden_states": False}),
+    "dpo_ptx_logits": Spec(STOCK_DPO, Side(*OURS_DPO, {"ptx_coef": 0.5}, {"ptx_term.from_hidden_states": False}),
                            "ptx mixing through [B, T, V] logits (the fallback path), for the memory of dpo_ptx"),
     "dpo_sft_stock": Spec(STOCK_DPO, Side("trl.DPOTrainer", "trl.DPOConfig", {"loss_type": ["sigmoid", "sft"]}), "TRL's own sft term, for scale"),
 }
@@ -251,10 +251,14 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
     trainer = load(side.trainer)(
         model=model, args=config, train_dataset=dataset, processing_class=byte_tokenizer(), callbacks=[timer], **task_inputs
     )
-    for name, value in side.attributes.items():
-        if not hasattr(trainer, name):  # a renamed attribute would otherwise be set in vain and measure the default
-            raise AttributeError(f"{type(trainer).__name__} has no attribute {name!r} to set for this spec")
-        setattr(trainer, name, value)
+    for path, value in side.attributes.items():
+        *owners, name = path.split(".")
+        owner = trainer
+        for part in owners:
+            owner = getattr(owner, part)
+        if not hasattr(owner, name):  # a renamed attribute would otherwise be set in vain and measure the default
+            raise AttributeError(f"{type(trainer).__name__} has no attribute {path!r} to set for this spec")
+        setattr(owner, name, value)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
