@@ -75,7 +75,7 @@ class Spec:
     stock: Side
     ours: Side
     note: str
-    task: str = "dpo"  # "dpo": preference pairs; "grpo": prompts + a Python reward, batch = generations per prompt
+    task: str = "dpo"  # "dpo": preference pairs; "grpo": prompts + a Python reward, batch = generations per prompt; "sft": prompt + completion
 
 
 STOCK_DPO = Side("trl.DPOTrainer", "trl.DPOConfig")
@@ -97,6 +97,14 @@ SPECS |= {
     "grpo_full": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "full"}), "exact full-vocab KL in the loss", "grpo"),
     "grpo_full_reward": Spec(STOCK_GRPO, Side(*OURS_GRPO, {"beta": 0.04, "kl_estimator": "full", "kl_placement": "reward"}),
                              "exact full-vocab KL in the reward", "grpo"),
+}
+
+
+STOCK_SFT = Side("trl.SFTTrainer", "trl.SFTConfig")
+OURS_SFT = "trl_regularizers.RegularizedSFTTrainer", "trl_regularizers.RegularizedSFTConfig"
+SPECS |= {
+    "sft": Spec(STOCK_SFT, Side(*OURS_SFT), "defaults: must match stock", "sft"),
+    "sft_kl": Spec(STOCK_SFT, Side(*OURS_SFT, {"sft_kl_coef": 0.1}), "exact KL to the base on the trained tokens: one reference forward + the KL", "sft"),
 }
 
 
@@ -235,6 +243,9 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
     if task == "grpo":
         task_fields = dict(max_completion_length=profile["completion_len"], num_generations=profile["batch"])
         task_inputs = dict(reward_funcs=distinct_chars)
+    elif task == "sft":  # the pairs' chosen completions as SFT targets
+        task_fields, task_inputs = dict(max_length=sequence_length(profile)), {}
+        dataset = dataset.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
     else:
         task_fields, task_inputs = dict(max_length=sequence_length(profile)), {}
     if side.fields.get("ptx_coef"):

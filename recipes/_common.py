@@ -68,6 +68,9 @@ def tiny_world(kind: str):
     runs = demo_module("runs")
     fact_pairs, rated_pairs, task_prompts = runs.fact_pairs, runs.rated_pairs, runs.task_prompts
 
+    if kind == "completion":  # SFT: the true fact of each pair as the completion of its prompt
+        pairs = fact_pairs().train_test_split(test_size=0.25, seed=0)
+        return DatasetDict({split: pairs[split].select_columns(["prompt", "chosen"]).rename_column("chosen", "completion") for split in ("train", "test")})
     if kind == "preference":
         pairs = fact_pairs().train_test_split(test_size=0.25, seed=0)
         return DatasetDict(train=pairs["train"], test=pairs["test"])
@@ -78,7 +81,7 @@ def tiny_world(kind: str):
         return DatasetDict(train=Dataset.from_dict({"prompt": prompts * 8}), test=Dataset.from_dict({"prompt": prompts}))
     if kind == "text":
         return DatasetDict(train=Dataset.from_dict({"text": corpus_lines(2000, "train")}), test=Dataset.from_dict({"text": corpus_lines(200, "heldout")}))
-    raise ValueError(f"kind={kind!r} is not valid. Allowed values: preference, rated, prompt, text.")
+    raise ValueError(f"kind={kind!r} is not valid. Allowed values: completion, preference, rated, prompt, text.")
 
 
 def load_splits(script_args: RecipeArguments, training_args, kind: str):

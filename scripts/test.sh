@@ -23,9 +23,9 @@ echo "== TRL releases: ${declared[*]} (whole suite on 1.12 and $TRL_LATEST)"
 subset=(tests/core tests/trainers tests/test_configs.py tests/test_ptx.py tests/test_trl_contract.py)
 import_check='
 import trl
-from trl import DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer
+from trl import DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer, SFTTrainer
 from trl_regularizers import (KLDriftCallback, RegularizedDPOTrainer, RegularizedGRPOTrainer, RegularizedPPOTrainer,
-                              RegularizedRLOOTrainer, RegularizedRewardTrainer)
+                              RegularizedRewardTrainer, RegularizedRLOOTrainer, RegularizedSFTTrainer)
 import trl_regularizers
 assert "site-packages" in trl_regularizers.__file__, trl_regularizers.__file__  # the installed wheel, not the checkout
 print("TRL", trl.__version__, "imports with the declared dependencies only")'

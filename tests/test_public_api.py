@@ -23,6 +23,8 @@ PARENTS = {
     "RegularizedGRPOConfig": "GRPOConfig",
     "RegularizedRLOOTrainer": "RLOOTrainer",
     "RegularizedRLOOConfig": "RLOOConfig",
+    "RegularizedSFTTrainer": "SFTTrainer",
+    "RegularizedSFTConfig": "SFTConfig",
 }
 
 
@@ -59,8 +61,8 @@ def test_drop_in_classes_subclass_their_trl_parent(name, parent):
 
 
 def test_unknown_name_is_an_attribute_error():
-    with pytest.raises(AttributeError, match="has no attribute 'RegularizedSFTTrainer'"):
-        trl_regularizers.RegularizedSFTTrainer  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'RegularizedKTOTrainer'"):
+        trl_regularizers.RegularizedKTOTrainer  # noqa: B018
 
 
 def test_core_exports_resolve():

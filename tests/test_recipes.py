@@ -18,7 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
-SCRIPT_OF = {"dpo_nll": "dpo", "reward_margin": "reward", "grpo_kl": "grpo", "rloo_kl": "rloo", "ppo_ptx": "ppo"}
+SCRIPT_OF = {"dpo_nll": "dpo", "reward_margin": "reward", "grpo_kl": "grpo", "rloo_kl": "rloo", "ppo_ptx": "ppo", "sft_kl": "sft"}
 
 
 def free_port() -> int:
@@ -123,3 +123,16 @@ def test_ppo_recipe_trains_with_two_cpu_processes(tmp_path):
     assert int(last["episode"]) == 2 * 2 * 4  # 2 updates x 2 ranks x per_device_train_batch_size 4
     assert all(float(last[name]) == float(last[name]) for name in ("objective/kl", "loss/policy_avg", "ptx/nll"))
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sft_recipe_trains_and_logs_its_regularizers(tmp_path):
+    """The SFT recipe on the tiny world: the KL to the base grows from 0 as the policy moves, ptx is mixed in."""
+    recipe = load_recipe("sft")
+    config = RECIPES / "configs" / "sft_kl.yaml"
+    parsed = recipe.make_parser().parse_args_and_config(args=["--config", str(config), "--output_dir", str(tmp_path), "--max_steps", "3", "--logging_steps", "1"])
+    trainer = recipe.main(*parsed)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3 and logs[0]["kl/forward"] == pytest.approx(0.0, abs=1e-6) and logs[-1]["kl/forward"] > 0
+    assert all(log["ptx/nll"] > 0 and log["kl/coef"] == 0.5 for log in logs)
+    assert (tmp_path / "model.safetensors").is_file()

@@ -114,7 +114,7 @@ def test_a_newer_trl_whose_contract_holds_warns_once_and_trains(tiny_lm_path, tm
 
 
 def regularized_trainers():
-    pairs = [(getattr(trl_regularizers, f"Regularized{name}Trainer"), getattr(trl, f"{name}Trainer")) for name in ("DPO", "Reward", "GRPO", "RLOO")]
+    pairs = [(getattr(trl_regularizers, f"Regularized{name}Trainer"), getattr(trl, f"{name}Trainer")) for name in ("DPO", "Reward", "GRPO", "RLOO", "SFT")]
     if HAS_PPO:
         from trl.experimental.ppo import PPOTrainer
 
@@ -226,6 +226,7 @@ OVERRIDES = {
     "RewardTrainer": {"_save_checkpoint", "compute_loss", "evaluate", "log", "train"},
     "GRPOTrainer": {"_calculate_rewards", "_compute_loss", "_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_save_checkpoint", "compute_loss", "train"},
     "RLOOTrainer": {"_compute_loss", "_generate_and_score_completions", "_get_per_token_logps_and_entropies", "_save_checkpoint", "compute_loss", "train"},
+    "SFTTrainer": {"_save_checkpoint", "compute_loss", "train"},
 }
 
 

@@ -18,10 +18,13 @@ from trl_regularizers import (
     RegularizedRewardTrainer,
     RegularizedRLOOConfig,
     RegularizedRLOOTrainer,
+    RegularizedSFTConfig,
+    RegularizedSFTTrainer,
 )
 
 PAIRS = Dataset.from_dict({"prompt": ["a", "b"], "chosen": ["yes", "yes"], "rejected": ["no", "no"]})
 PROMPTS = Dataset.from_dict({"prompt": ["hello", "abc"] * 4})
+TEXTS = Dataset.from_dict({"text": ["hello there", "abc def"]})
 
 
 def reward_len(completions, **kwargs):
@@ -35,6 +38,7 @@ def reward_len(completions, **kwargs):
         (RegularizedRewardTrainer, RegularizedRewardConfig, "Reward", "rm"),
         (RegularizedGRPOTrainer, RegularizedGRPOConfig, "GRPO", "online"),
         (RegularizedRLOOTrainer, RegularizedRLOOConfig, "RLOO", "online"),
+        (RegularizedSFTTrainer, RegularizedSFTConfig, "SFT", "text"),
     ],
 )
 def test_init_without_args_builds_the_regularized_defaults(tiny_lm_path, tiny_rm_path, tmp_path, monkeypatch, trainer_cls, config_cls, suffix, needs):
@@ -42,6 +46,8 @@ def test_init_without_args_builds_the_regularized_defaults(tiny_lm_path, tiny_rm
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
     if needs == "online":
         trainer = trainer_cls(model=tiny_lm_path, reward_funcs=reward_len, train_dataset=PROMPTS)
+    elif needs == "text":
+        trainer = trainer_cls(model=tiny_lm_path, train_dataset=TEXTS)
     else:
         trainer = trainer_cls(model=tiny_rm_path if needs == "rm" else tiny_lm_path, train_dataset=PAIRS)
     defaults = config_cls(output_dir="unused")
