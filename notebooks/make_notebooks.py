@@ -179,6 +179,37 @@ plt.show()
 print("held-out NLL after the last update:", {name: round(series(history, "forgetting/nll")[1][-1], 3) for name, history in histories.items()})''',
         ],
     ),
+    "sft_kl": dict(
+        title="SFT anchored to its base: the exact KL on the trained tokens, against forgetting",
+        intro="Fine-tuning on new facts (here: the facts of another tiny world, which contradict what the model learned) makes it forget what it knew. `RegularizedSFTTrainer` adds `sft_kl_coef` times the exact KL(pi_0 || pi) to the base on the tokens SFT trains (RL's Razor's measure of drift). Compared with a plain TRL SFT notebook, only the config/trainer class and `sft_kl_coef` change; `KLDriftCallback` measures the held-out NLL of the old world's text.",
+        runs="without the KL anchor (`sft_kl_coef=0`, stock SFT) and with it (`sft_kl_coef=3`)",
+        plot="the held-out NLL of the prior text (forgetting) and the KL to the base over the training steps",
+        cells=[
+            '''from datasets import Dataset
+new_facts = Dataset.from_dict({"text": corpus_lines(256, "train", world_seed=1)})  # another world: new, contradicting facts
+new_facts[0]''',
+            '''from trl_regularizers import KLDriftCallback, RegularizedSFTConfig, RegularizedSFTTrainer  # was: from trl import SFTConfig, SFTTrainer
+from examples.demo.runs import task_prompts
+
+logs = {}
+for name, sft_kl_coef in {"SFT": 0.0, "SFT + KL": 3.0}.items():  # sft_kl_coef=0.0 is plain SFT
+    drift = KLDriftCallback(task_prompts()[:4], every_n_steps=6, max_new_tokens=12, heldout_texts=corpus_lines(16, "heldout"))
+    args = RegularizedSFTConfig(output_dir="sft_kl", sft_kl_coef=sft_kl_coef, learning_rate=3e-3, per_device_train_batch_size=8,
+                                max_length=64, max_steps=12, seed=seed, **cpu)
+    trainer = RegularizedSFTTrainer(model=model_name, args=args, train_dataset=new_facts, callbacks=[drift])
+    trainer.train()
+    logs[name] = trainer.state.log_history''',
+            SERIES
+            + '''fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+for name, log_history in logs.items():
+    left.plot(*series(log_history, "forgetting/nll"), marker="o", label=name)
+    right.plot(*series(log_history, "drift/kl_forward"), marker="o", label=name)
+left.set(xlabel="step", ylabel="NLL of the old world's held-out text (nats/token)", title="forgetting/nll"); left.legend()
+right.set(xlabel="step", ylabel="KL(pi_0 || pi) per token on task prompts", title="drift/kl_forward"); right.legend()
+plt.show()
+print("forgetting/nll at the last step:", {name: round(series(log, "forgetting/nll")[1][-1], 3) for name, log in logs.items()})''',
+        ],
+    ),
     "drift_monitor": dict(
         title="Drift monitor: KL to the base and forgetting, with any trainer (eq. 15)",
         intro="`KLDriftCallback` logs `drift/kl_reverse`, `drift/kl_forward` (exact per-token KL on completions sampled from fixed task prompts) and `forgetting/nll` on held-out text, even with `beta=0`. It is the only addition to a stock TRL GRPO notebook here.",

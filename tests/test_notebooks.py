@@ -22,6 +22,7 @@ REGULARIZED_MOVES = {
     "grpo_kl": -1,  # KL(pi || pi_0): the KL in the reward holds it (0.64 vs 8.4; seeds 0, 1, 2, 42: 0.44-0.73 vs 1.5-9.8)
     "ppo_ptx": -1,  # held-out NLL: ptx keeps it near the base's 0.09 (0.19 vs 1.12; seeds 0, 1, 2, 42: 0.14-0.19 vs 0.59-1.48)
     "reward_margin": +1,  # reward gap on "significantly better" pairs (1.07 vs 0.85; larger on all 7 seeds tried, by 0.03 to 0.54)
+    "sft_kl": -1,  # held-out NLL of the old world's text: the KL anchor forgets less (0.31 vs 0.36; seeds 0, 1, 2: 0.31/0.31/0.24 vs 0.36/0.43/0.31)
     "drift_monitor": -1,  # KL(pi || pi_0) with TRL's beta=0.2 vs beta=0 (3.2 vs 4.9; seeds 0-4 and 42: lower on every one)
 }
 """Sign of (run with the regularizer - run without) in each notebook's summary line, at the notebook's seed. Only

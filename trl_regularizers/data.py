@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable
 
-from trl_regularizers.configs import MarginArguments
+from trl_regularizers.arguments import MarginArguments
 from trl_regularizers.core.margins import MARGIN_SOURCES, finite_margin, normalize_label
 
 MARGIN = "margin"

@@ -23,6 +23,9 @@ imported on first CUDA use). ``"auto"`` picks Triton for CUDA tensors when it is
 ``full_vocab_kl_from_hidden`` goes one step further and never materializes the logits at all.
 
 The reference is a constant: no gradient flows to ``ref_logits`` / ``ref_hidden`` / ``ref_weight``.
+
+(About 400 lines, on purpose: the two autograd functions, the torch backend and the public functions share the chunked
+statistics, the masking rules and their checks; split apart, each half would import the other's private helpers.)
 """
 
 from __future__ import annotations

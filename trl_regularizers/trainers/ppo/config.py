@@ -10,7 +10,7 @@ import trl
 from packaging.version import Version
 from transformers import TrainingArguments
 
-from trl_regularizers.configs import KL_ESTIMATOR_CHOICES, KLArguments, PtxArguments
+from trl_regularizers.arguments import KL_ESTIMATOR_CHOICES, KLArguments, PtxArguments
 from trl_regularizers.validation import Choice, ValidatedConfig, at_least, in_range, positive
 
 STOCK_PPO = Version(trl.__version__).release < (1, 13)
