@@ -26,7 +26,7 @@ def per_pair(values: torch.Tensor, name: str) -> torch.Tensor:
     return values
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The widest floating dtype among ``tensors`` and float32."""
     dtype = torch.float32
     for tensor in tensors:
@@ -55,7 +55,7 @@ def length_normalized_nll(token_logps: torch.Tensor, mask: torch.Tensor, lengths
         raise ValueError(f"token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
     if lengths is not None and lengths.shape != token_logps.shape[:1]:
         raise ValueError(f"lengths must have shape [B] = {tuple(token_logps.shape[:1])}, got {tuple(lengths.shape)}")
-    dtype = _compute_dtype(token_logps, mask)
+    dtype = compute_dtype(token_logps, mask)
     weights = mask.to(dtype)
     total = torch.where(mask != 0, token_logps.to(dtype) * weights, 0.0).sum(-1)
     if lengths is None:
@@ -79,7 +79,7 @@ def margin_preference_loss(logits: torch.Tensor, margin: torch.Tensor | None = N
         [B] losses (take ``.mean()`` for the batch loss).
     """
     logits = per_pair(logits, "logits")
-    dtype = _compute_dtype(logits) if margin is None else _compute_dtype(logits, margin)
+    dtype = compute_dtype(logits) if margin is None else compute_dtype(logits, margin)
     logits = logits.to(dtype)
     if margin is not None:
         margin = per_pair(margin, "margin")

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trl_regularizers.core.losses import _compute_dtype, per_pair
+from trl_regularizers.core.losses import compute_dtype, per_pair
 
 RPO_DISTANCES: tuple[str, ...] = ("sq", "bwd_kl", "fwd_kl")
 """Distances ``D[a || b]`` between the implicit reward gap ``a`` and the scaled reward gap ``b``."""
@@ -65,7 +65,7 @@ def _pairs(gap: torch.Tensor, other: torch.Tensor, other_name: str) -> tuple[tor
     gap, other = per_pair(gap, "logratio_gap"), per_pair(other, other_name)
     if gap.shape != other.shape:
         raise ValueError(f"{other_name} has {other.shape[0]} rows but there are {gap.shape[0]} pairs")
-    dtype = _compute_dtype(gap, other)
+    dtype = compute_dtype(gap, other)
     return gap.to(dtype), other.to(dtype), dtype
 
 
@@ -94,7 +94,7 @@ def logratio_gap(
                                                (ref_chosen_logps, "ref_chosen_logps"), (ref_rejected_logps, "ref_rejected_logps"))]
     if len({tuple(p.shape) for p in parts}) != 1:
         raise ValueError(f"the four log-prob sums must have the same shape [B], got {[tuple(p.shape) for p in parts]}")
-    dtype = _compute_dtype(*parts)
+    dtype = compute_dtype(*parts)
     chosen, rejected, ref_chosen, ref_rejected = (p.to(dtype) for p in parts)
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if chosen_tokens is not None:
@@ -109,7 +109,7 @@ def bernoulli_kl(p_logit: torch.Tensor, q_logit: torch.Tensor) -> torch.Tensor:
     ``sigma(p) (ls(p) - ls(q)) + sigma(-p) (ls(-p) - ls(-q))``: the weight that vanishes multiplies the term that
     grows, so finite logits give a finite value (no ``log 0``). Gradient w.r.t. ``q``: ``sigma(q) - sigma(p)``.
     """
-    dtype = _compute_dtype(p_logit, q_logit)
+    dtype = compute_dtype(p_logit, q_logit)
     p, q = p_logit.to(dtype), q_logit.to(dtype)
     return torch.sigmoid(p) * (F.logsigmoid(p) - F.logsigmoid(q)) + torch.sigmoid(-p) * (F.logsigmoid(-p) - F.logsigmoid(-q))
 
@@ -194,7 +194,7 @@ def reward_weights(reward_diff: torch.Tensor, weighting: str, eta: float, normal
         raise ValueError(f"weighting={weighting!r} is not valid. Allowed values: {', '.join(REWARD_WEIGHTINGS)}.")
     eta = check_number("eta", eta, low=0.0)
     diff = per_pair(reward_diff, "reward_diff")
-    diff = diff.detach().to(_compute_dtype(diff))
+    diff = diff.detach().to(compute_dtype(diff))
     if weighting == "abs":
         return (eta * diff).abs()
     if weighting == "sigmoid":
