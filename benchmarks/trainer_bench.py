@@ -4,6 +4,7 @@
     python benchmarks/trainer_bench.py --profile h100 --specs dpo,dpo_nll   # Qwen2-0.5B-shaped random init
     python benchmarks/trainer_bench.py --profile cpu --specs grpo,grpo_k2,grpo_full
     python benchmarks/trainer_bench.py --profile cpu --specs dpo_ptx,dpo_ptx_logits   # + the ptx batch's fwd+bwd alone
+    python benchmarks/trainer_bench.py --profile cpu --specs sft,sft_kl   # + the reference forward and the KL alone
     python benchmarks/trainer_bench.py --profile h100 --specs grpo_full,grpo_full_reward --share-stock --budget-s 100
     .venv-trl112/bin/python benchmarks/trainer_bench.py --ppo stock --json stock.json   # PPO: one side per TRL
     .venv/bin/python benchmarks/trainer_bench.py --ppo ours --json ours.json             # (stock needs TRL 1.12)
@@ -21,7 +22,9 @@ running past a time limit; the JSON is rewritten after every round, so a killed 
 For ptx specs the harness also times one forward+backward of a ptx batch alone on the same model, through the
 [B, T, V] logits (``core.losses.ptx_nll``) and from the hidden states in chunks (``core.losses.chunked_nll_from_hidden``),
 with the peak memory of each on CUDA, and reports ``ptx_cost_ratio = (ours - stock) / (the logits path's time)``:
-the issue's target is <= 1.05.
+the issue's target is <= 1.05. For ``sft_kl`` it times one no-grad forward of the reference's backbone and the exact KL
+from hidden states (forward + backward) alone on a batch, and reports ``anchor_cost_ratio = (ours - stock) / (their
+sum)``: the target is <= 1, at most one extra reference forward plus the KL.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
 
 from bench_common import Deadline, spread, utc_now, write_json
+from trl_regularizers.core.full_kl import full_vocab_kl_from_hidden
 from trl_regularizers.core.losses import chunked_nll_from_hidden, ptx_nll
 from trl_regularizers.testing import byte_tokenizer, make_tiny_causal_lm
 
@@ -283,7 +287,44 @@ def run_side(side: Side, task: str, model_path: str, dataset: Dataset, profile: 
     return {"times": timer.times, "peak_GiB": peak, "losses": losses}
 
 
-def summarize(spec: Spec, stock_runs: list[dict], ours_runs: list[dict], warmup: int, ptx_alone: dict | None) -> dict:
+def time_anchor_alone(model_path: str, profile: dict, repeats: int) -> dict:
+    """What the SFT KL anchor adds to a step, timed alone on a batch (batch x sequence tokens): one no-grad forward of
+    the reference's backbone, and the exact KL from hidden states (``full_vocab_kl_from_hidden``) forward + backward
+    on every position. Median seconds of each (first call dropped) and their sum, the budget of ``sft_kl``."""
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to("cuda" if on_gpu else "cpu")
+    input_ids = torch.randint(0, model.config.vocab_size, (profile["batch"], sequence_length(profile)), device=model.device)
+    weight = model.get_output_embeddings().weight
+    hidden = torch.randn(input_ids.numel(), weight.shape[1], device=model.device, dtype=dtype, requires_grad=True)
+
+    def reference_forward():
+        with torch.no_grad():
+            return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def kl():
+        full_vocab_kl_from_hidden(hidden, hidden.detach() + 0.1, weight, weight.detach()).sum().backward()
+
+    out = {}
+    for name, step in (("reference_forward", reference_forward), ("kl", kl)):
+        times = []
+        for _ in range(repeats + 1):
+            if on_gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if on_gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[name] = {"median_s": statistics.median(times[1:])}
+    out["budget_s"] = out["reference_forward"]["median_s"] + out["kl"]["median_s"]
+    del model
+    gc.collect()
+    return out
+
+
+def summarize(spec: Spec, stock_runs: list[dict], ours_runs: list[dict], warmup: int, ptx_alone: dict | None,
+              anchor_alone: dict | None = None) -> dict:
     """Medians, per-round ratios with their interval, peak memory and (ptx specs) the added cost of one spec."""
     result = {"note": spec.note}
     for which, results in (("stock", stock_runs), ("ours", ours_runs)):
@@ -299,6 +340,10 @@ def summarize(spec: Spec, stock_runs: list[dict], ours_runs: list[dict], warmup:
         result["ptx_alone_s"] = alone
         result["ptx_cost_ratio"] = (result["ours"]["median_s"] - result["stock"]["median_s"]) / alone
         result["ptx_cost_ratio_per_round"] = spread([(o - s) / alone for s, o in round_medians])
+    if spec.ours.fields.get("sft_kl_coef") and anchor_alone:
+        budget = anchor_alone["budget_s"]
+        result["anchor_budget_s"] = budget
+        result["anchor_cost_ratio_per_round"] = spread([(o - s) / budget for s, o in round_medians])
     if result["stock"]["peak_GiB"]:
         result["memory_ratio"] = result["ours"]["peak_GiB"] / result["stock"]["peak_GiB"]
         result["memory_ratio_per_round"] = spread([o["peak_GiB"] / s["peak_GiB"] for s, o in zip(stock_runs, ours_runs)])
@@ -306,7 +351,7 @@ def summarize(spec: Spec, stock_runs: list[dict], ours_runs: list[dict], warmup:
 
 
 def bench(names: list[str], model_path: str, dataset: Dataset, profile: dict, rounds: int, warmup: int, deadline: Deadline,
-          ptx_alone: dict | None = None, on_round=None) -> tuple[dict, int]:
+          ptx_alone: dict | None = None, on_round=None, anchor_alone: dict | None = None) -> tuple[dict, int]:
     """Run the specs ``names`` (one stock side, shared) in alternating rounds; ``on_round(results, rounds_done)`` after
     each. A round starts only while the longest one so far (the first excluded once there are others: it also
     compiles) still fits in ``deadline``. Returns (results, rounds done)."""
@@ -329,7 +374,7 @@ def bench(names: list[str], model_path: str, dataset: Dataset, profile: dict, ro
             with tempfile.TemporaryDirectory() as out_dir:
                 runs[key].append(run_side(sides[key], specs[0].task, model_path, dataset, profile, out_dir, seed=round_index))
         round_seconds.append(time.monotonic() - start)
-        results = {name: summarize(spec, runs["stock"], runs[name], warmup, ptx_alone) for name, spec in zip(names, specs)}
+        results = {name: summarize(spec, runs["stock"], runs[name], warmup, ptx_alone, anchor_alone) for name, spec in zip(names, specs)}
         for result in results.values():
             result["round_seconds"] = list(round_seconds)
         if on_round:
@@ -430,6 +475,10 @@ def print_result(name: str, result: dict) -> None:
         low, high = result["ptx_cost_ratio_per_round"]["ci95"]
         print(f"{name:16s} ptx forward+backward alone {result['ptx_alone_s']:.4f} s, added cost / that = "
               f"{result['ptx_cost_ratio_per_round']['median']:.3f} (95% [{low:.3f}, {high:.3f}])")
+    if "anchor_cost_ratio_per_round" in result:
+        low, high = result["anchor_cost_ratio_per_round"]["ci95"]
+        print(f"{name:16s} reference forward + exact KL alone {result['anchor_budget_s']:.4f} s, added cost / that = "
+              f"{result['anchor_cost_ratio_per_round']['median']:.3f} (95% [{low:.3f}, {high:.3f}])")
     memory = f"  peak {result['stock']['peak_GiB']:.2f} -> {result['ours']['peak_GiB']:.2f} GiB ({result['memory_ratio']:.3f}x)" if "memory_ratio" in result else ""
     low, high = result["time_ratio_per_round"]["ci95"]
     print(f"{name:16s} step {result['stock']['median_s']:.4f} -> {result['ours']['median_s']:.4f} s "
@@ -494,6 +543,11 @@ def main():
             write_json(args.json, report)
         else:
             ptx_alone = None
+        anchor_alone = None
+        if any(SPECS[name].ours.fields.get("sft_kl_coef") for name in names):
+            report["anchor_alone"] = anchor_alone = time_anchor_alone(model_path, profile, repeats=2 * profile["steps"])
+            print(f"SFT KL anchor alone: {json.dumps(anchor_alone)}", flush=True)
+            write_json(args.json, report)
         groups = [names] if args.share_stock else [[name] for name in names]
         for group in groups:
 
@@ -502,7 +556,8 @@ def main():
                 report["rounds_done"][",".join(group)] = rounds_done
                 write_json(args.json, report)
 
-            results, _ = bench(group, model_path, dataset, profile, args.rounds, args.warmup, deadline, ptx_alone, on_round=record)
+            results, _ = bench(group, model_path, dataset, profile, args.rounds, args.warmup, deadline, ptx_alone, on_round=record,
+                               anchor_alone=anchor_alone)
             for name, result in results.items():
                 print_result(name, result)
     write_json(args.json, report)
