@@ -304,6 +304,11 @@ def fixture_models(tmp_path_factory):
 
 
 IMPLEMENTATIONS = ["RegularizedPPOTrainer", "standalone"]
+# Sums over a response of logp - ref_logp: ~0 while the policy is the reference, so a relative tolerance means
+# nothing there. Each term carries float32 rounding of |logp| ~ 5 (the entropy per token), and a response has <= 8
+# tokens: a BLAS that reorders the logits' sums moves the sum by up to ~8 * 5 * 1.2e-7 = 5e-6 (measured: 4e-7).
+_KL_SUMS = {"objective/kl", "objective/non_score_reward"}
+_KL_SUM_TOLERANCE = 1e-5
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -327,7 +332,8 @@ def test_metrics_match_stock_trl112_fixture(tmp_path, fixture_models, scenario, 
             if value != value:  # NaN (a variance over one number): NaN too
                 assert got[name] != got[name], name
             else:
-                assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-7), (scenario, expected["step"], name)
+                tolerance = _KL_SUM_TOLERANCE if name in _KL_SUMS else 1e-7
+                assert got[name] == pytest.approx(value, rel=1e-6, abs=tolerance), (scenario, expected["step"], name)
     assert logs[1]["loss/policy_avg"] != logs[0]["loss/policy_avg"]
 
 
