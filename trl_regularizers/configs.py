@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, SFTConfig
+from transformers import TrainingArguments
 
 from trl_regularizers.arguments import (
     KL_ESTIMATOR_CHOICES,
@@ -96,7 +97,7 @@ class RegularizedSFTConfig(ValidatedConfig, PtxArguments, SFTKLArguments, SFTCon
     """
 
 
-def regularized_config(args, config_cls: type, model, trainer_name: str):
+def regularized_config(args, config_cls: type, model, trainer_name: str, from_training_arguments: bool = False):
     """The ``config_cls`` a ``Regularized*Trainer`` runs with, from what the user passed as ``args``.
 
     * ``None``: ``config_cls`` defaults, with the output folder TRL's own default names (``<model>-<trainer_name>``);
@@ -105,6 +106,8 @@ def regularized_config(args, config_cls: type, model, trainer_name: str):
       with every value of ``args`` and every new field at its default. The values are copied as they are, not
       re-derived: TRL's ``__post_init__`` already ran on them (it derives fields such as GRPO's
       ``generation_batch_size`` and refuses them when given twice).
+    * with ``from_training_arguments`` (SFT, whose TRL trainer does the same), plain ``transformers``
+      ``TrainingArguments``: a ``config_cls`` built from their values, every TRL and new field at its default.
     """
     if args is None:
         name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or type(model).__name__
@@ -112,6 +115,10 @@ def regularized_config(args, config_cls: type, model, trainer_name: str):
     if isinstance(args, config_cls):
         return args
     stock = next(base for base in config_cls.__mro__[1:] if base.__module__.startswith("trl."))
+    if from_training_arguments and type(args) is TrainingArguments:
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # to_dict hides it
+        return config_cls(**values)
     if not isinstance(args, stock):
         raise TypeError(f"args must be a {config_cls.__name__} or a {stock.__name__}, got {type(args).__name__}.")
     upgraded = object.__new__(config_cls)

@@ -140,25 +140,27 @@ DATASET_FORMATS: dict[str, list[tuple[str, ...]]] = {
     "preference": [("chosen", "rejected")],  # text pairs; DPO extracts a missing prompt from them
     "reward": [("chosen", "rejected"), ("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids")],
     "prompt": [("prompt",)],
-    "language_modeling": [("text",), ("messages",), ("prompt", "completion"), ("input_ids",)],
+    "language_modeling": [("text",), ("messages",), ("conversations",), ("prompt", "completion"), ("input_ids",)],
 }
-"""Column sets a kind of dataset must hold one of (``*_input_ids`` is TRL's legacy tokenized name)."""
+"""Column sets a kind of dataset must hold one of (``*_input_ids`` is TRL's legacy tokenized name; ``conversations``
+holds ShareGPT-style ``{"from", "value"}`` messages, which SFT converts to ``{"role", "content"}``)."""
 
 
-def check_dataset(dataset, kind: str, dataset_name: str, trainer_name: str) -> None:
+def check_dataset(dataset, formats: list[tuple[str, ...]], dataset_name: str, trainer_name: str) -> None:
     """Refuse, before training, a dataset the trainer cannot use, with one error naming what is wrong.
 
-    ``kind``: what the trainer reads (a key of ``DATASET_FORMATS``); the dataset must hold one of its column sets.
-    Map-style datasets must not be empty, and their text columns (those not ending in ``_ids``) must hold strings
-    or chat messages (lists of ``{"role", "content"}`` dicts) in every row.
+    ``formats``: the column sets the trainer reads (``DATASET_FORMATS[kind]``, adapted by the trainer's options);
+    the dataset must hold one of them. Map-style datasets must not be empty, and their text columns (those not
+    ending in ``_ids``) must hold, in every row, a string (JSON-encoded messages included) or a list of chat
+    messages: dicts with a ``role`` (or ShareGPT's ``from``). Anything else a message holds (``tool_calls``,
+    ``reasoning_content``, multimodal content parts, no ``content`` at all) is the chat template's business.
     """
     if dataset is None:
         return
     if isinstance(dataset, dict):  # TRL accepts a dict of eval datasets
         for name, part in dataset.items():
-            check_dataset(part, kind, f"{dataset_name} ({name})", trainer_name)
+            check_dataset(part, formats, f"{dataset_name} ({name})", trainer_name)
         return
-    formats = DATASET_FORMATS[kind]
     sized = hasattr(dataset, "__len__")
     if (len(dataset) == 0) if sized else next(iter(dataset), None) is None:
         raise ValueError(f"The {dataset_name} dataset given to {trainer_name} is empty: it would train on nothing.")
@@ -174,14 +176,16 @@ def check_dataset(dataset, kind: str, dataset_name: str, trainer_name: str) -> N
             if not _is_text(value):
                 raise ValueError(
                     f"{dataset_name} dataset, row {index}, column {column!r}: {trainer_name} needs text (a string or a "
-                    f"list of chat messages), got {type(value).__name__} {value!r:.80}."
+                    f"list of chat messages, each a dict with a 'role'), got {type(value).__name__} {value!r:.80}."
                 )
 
 
 def _is_text(value) -> bool:
     if isinstance(value, str):
         return True
-    return isinstance(value, list) and all(isinstance(message, dict) and "content" in message for message in value)
+    return isinstance(value, list) and all(
+        isinstance(message, dict) and (message.get("role") or message.get("from")) is not None for message in value
+    )
 
 
 def mean_abs_score_gap(dataset, chosen: str, rejected: str, dataset_name: str = "train") -> float:

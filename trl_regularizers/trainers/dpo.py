@@ -13,7 +13,7 @@ from trl import DPOTrainer
 
 from trl_regularizers.components.preference import PreferenceTerms, check_preference_settings, pair_columns
 from trl_regularizers.configs import RegularizedDPOConfig, regularized_config
-from trl_regularizers.data import add_margin_column, check_dataset, check_score_columns, mean_abs_score_gap
+from trl_regularizers.data import add_margin_column, check_score_columns, mean_abs_score_gap
 from trl_regularizers.trainers.adapters.base import mirror_signature, trl_arguments
 from trl_regularizers.trainers.adapters.dpo import DPOAdapter
 from trl_regularizers.trainers.build import ptx_term
@@ -53,8 +53,8 @@ class RegularizedDPOTrainer(DPOAdapter):
             from trl_regularizers.scoring import RewardScorer
 
             scorer = RewardScorer.load(reward_model, reward_processing_class, arguments.get("processing_class"))
+        self.check_datasets(arguments)
         for split in ("train", "eval"):
-            check_dataset(arguments.get(f"{split}_dataset"), self.dataset_kind, split, type(self).__name__)
             arguments[f"{split}_dataset"] = prepare_pairs(arguments.get(f"{split}_dataset"), config, split, scorer)
         del scorer  # scored once: free the reward model
         gap_scale = None  # mean |r_c - r_r| of the training pairs: the normalizer of "abs_normalized" weights

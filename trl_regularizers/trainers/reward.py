@@ -13,7 +13,7 @@ import torch
 from trl import RewardTrainer
 
 from trl_regularizers.configs import RegularizedRewardConfig, regularized_config
-from trl_regularizers.data import MARGIN, add_margin_column, check_dataset, check_margin_column, column_names, margin_bucket_namer
+from trl_regularizers.data import MARGIN, add_margin_column, check_margin_column, column_names, margin_bucket_namer
 from trl_regularizers.trainers.adapters.base import mirror_signature, trl_arguments
 from trl_regularizers.trainers.adapters.reward import RewardAdapter
 
@@ -67,8 +67,8 @@ class RegularizedRewardTrainer(RewardAdapter):
     def __init__(self, *args, **kwargs):
         arguments = trl_arguments(RewardTrainer.__init__, args, kwargs)
         config = arguments["args"] = regularized_config(arguments.get("args"), RegularizedRewardConfig, arguments["model"], "Reward")
+        self.check_datasets(arguments)
         for split in ("train", "eval"):
-            check_dataset(arguments.get(f"{split}_dataset"), self.dataset_kind, split, type(self).__name__)
             arguments[f"{split}_dataset"] = prepare_margins(arguments.get(f"{split}_dataset"), config, split)
         super().__init__(**arguments)
         self.margin_accuracy = MarginAccuracy(self, config)

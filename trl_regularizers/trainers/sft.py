@@ -27,7 +27,9 @@ class RegularizedSFTTrainer(SFTAdapter):
 
     def __init__(self, *args, pretrain_dataset=None, **kwargs):
         arguments = trl_arguments(SFTTrainer.__init__, args, kwargs)
-        config = arguments["args"] = regularized_config(arguments.get("args"), RegularizedSFTConfig, arguments["model"], "SFT")
+        config = arguments["args"] = regularized_config(
+            arguments.get("args"), RegularizedSFTConfig, arguments["model"], "SFT", from_training_arguments=True
+        )
         super().__init__(**arguments)
         anchor, reference = KLAnchor.from_config(config, self), None
         if anchor.enabled:

@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl_regularizers.components.kl import KLPenalty
 from trl_regularizers.components.ptx import PtxTerm
 from trl_regularizers.components.state import RegularizerState
-from trl_regularizers.data import check_dataset
+from trl_regularizers.data import DATASET_FORMATS, check_dataset
 from trl_regularizers.trainers.adapters import contract
 
 TRAINER_HONORS_LOSS_IS_SCALED_FOR_GA = hasattr(Trainer, "loss_is_scaled_for_ga")
@@ -84,12 +84,20 @@ class TrainerAdapter:
         self.regularizer_state = RegularizerState()
         self.ptx_term: PtxTerm | None = None
         self.kl_penalty: KLPenalty | None = None
-        if self.dataset_kind is not None:  # TRL reads the data in its __init__ (a missing column is a KeyError)
-            given = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
-            for name in ("train", "eval"):
-                check_dataset(given.get(f"{name}_dataset"), self.dataset_kind, name, type(self).__name__)
+        self.check_datasets(inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments)
         super().__init__(*args, **kwargs)
         contract.check_attributes(self, self.TRL_CLASSES)
+
+    def dataset_formats(self, arguments: dict) -> list[tuple[str, ...]] | None:
+        """The column sets TRL's trainer reads with these constructor ``arguments``; None: it reads any columns."""
+        return None if self.dataset_kind is None else DATASET_FORMATS[self.dataset_kind]
+
+    def check_datasets(self, arguments: dict) -> None:
+        """TRL reads the data in its ``__init__`` (a missing column is a KeyError there): check it first."""
+        formats = self.dataset_formats(arguments)
+        if formats is not None:
+            for split in ("train", "eval"):
+                check_dataset(arguments.get(f"{split}_dataset"), formats, split, type(self).__name__)
 
     def attach(self, kl: KLPenalty | None = None, ptx: PtxTerm | None = None) -> None:
         """Take the components built for this trainer (after TRL's ``__init__``); their state goes into checkpoints."""

@@ -75,6 +75,10 @@ class OnlineAdapter(TrainerAdapter):
         self.logp_recorder = LogpRecorder()
         super().__init__(*args, **kwargs)
 
+    def dataset_formats(self, arguments: dict) -> list[tuple[str, ...]] | None:
+        """With an ``environment_factory`` (GRPO >= 1.16) the environment's ``reset()`` may supply the prompt."""
+        return None if arguments.get("environment_factory") is not None else super().dataset_formats(arguments)
+
     def attach(self, kl=None, ptx=None) -> None:
         """Also: an adaptive coefficient moves after every optimizer step (``AdaptiveKLCallback``)."""
         super().attach(kl, ptx)

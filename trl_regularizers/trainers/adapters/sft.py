@@ -20,6 +20,7 @@ from trl import SFTTrainer
 from trl_regularizers.callbacks import AdaptiveKLCallback
 from trl_regularizers.components.kl import KLAnchor
 from trl_regularizers.core.records import HiddenStates, KLRecord
+from trl_regularizers.data import DATASET_FORMATS
 from trl_regularizers.models import causal_lm, lm_head_weight
 from trl_regularizers.trainers.adapters.base import OutputRecorder, TrainerAdapter
 
@@ -39,6 +40,14 @@ class SFTAdapter(TrainerAdapter, SFTTrainer):
         self.kl_anchor: KLAnchor | None = None
         self.reference_model: torch.nn.Module | None = None
         super().__init__(*args, **kwargs)
+
+    def dataset_formats(self, arguments: dict) -> list[tuple[str, ...]] | None:
+        """SFT reads ``dataset_text_field`` for plain text; a ``formatting_func`` makes the text from any columns, and
+        ``dataset_kwargs={"skip_prepare_dataset": True}`` hands the rows to the collator as they are."""
+        args = arguments["args"]
+        if arguments.get("formatting_func") is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            return None
+        return [(args.dataset_text_field,), *(columns for columns in DATASET_FORMATS[self.dataset_kind] if columns != ("text",))]
 
     def attach(self, anchor: KLAnchor | None = None, reference: torch.nn.Module | None = None, ptx=None) -> None:
         """Take the KL anchor and its reference (a frozen copy; None: the policy with its PEFT adapter disabled)."""
