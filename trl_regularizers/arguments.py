@@ -179,7 +179,7 @@ class KLArguments:
     kl_clamp (`float` or `None`, *optional*, defaults to `20.0`):
         Bound on |log pi - log pi_ref|, in (0, 50], applied before any exp by moving the reference log-prob to
         within `kl_clamp` of the policy's, so k3 cannot overflow (trl #3015) and clamped tokens keep a gradient.
-        `None` disables it.
+        `None` disables it; the dtype's own bound (float16: 6.9, float32: 80) still keeps gradients finite.
     kl_target (`float` or `None`, *optional*, defaults to `None`):
         If set, beta is adapted toward this KL per sequence after each optimizer step that saw new KL values (in
         the loss: every step; in the reward: once per generation)

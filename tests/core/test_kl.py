@@ -8,6 +8,7 @@ import torch
 from trl_regularizers.core.full_kl import full_vocab_kl
 from trl_regularizers.core.kl import (
     KL_ESTIMATORS,
+    finite_gradient_bound,
     get_kl_estimator,
     kl_estimator_names,
     per_token_kl,
@@ -132,16 +133,30 @@ def test_clamp_bounds_the_reference_so_clamped_tokens_keep_their_gradient(estima
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 @pytest.mark.parametrize("estimator", SAMPLED)
-def test_half_precision_inputs_give_finite_float32_estimates_at_the_default_clamp(estimator, direction, dtype):
-    logps = torch.tensor([-60.0, -20.0, 0.0, 20.0, 60.0], dtype=dtype)
-    values = per_token_kl(logps, torch.zeros(5, dtype=dtype), estimator, direction, clamp=20.0)
+def test_half_precision_values_and_gradients_are_finite_at_every_log_ratio(estimator, direction, dtype):
+    """At the default clamp (20) k3's float16 gradient would be 1 - e^20 = -4.9e8, -inf in float16: the bound
+    tightens to ``finite_gradient_bound(float16)`` (6.9) there. bfloat16 holds e^20: its bound is the clamp."""
+    logps = torch.tensor([-1e4, -60.0, -20.0, -3.0, 0.0, 3.0, 20.0, 60.0, 1e4], dtype=dtype, requires_grad=True)
+    values = per_token_kl(logps, torch.zeros(9, dtype=dtype), estimator, direction, clamp=20.0)
+    (grad,) = torch.autograd.grad(values.sum(), logps)
     assert values.dtype == torch.float32 and torch.isfinite(values).all()
-    reference = per_token_kl(logps.double(), torch.zeros(5, dtype=torch.float64), estimator, direction, clamp=20.0)
-    torch.testing.assert_close(values.double(), reference, rtol=1e-5, atol=0)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    limit = min(20.0, finite_gradient_bound(dtype))
+    assert limit == (20.0 if dtype == torch.bfloat16 else pytest.approx(6.93, abs=0.01))
+    reference = per_token_kl(logps.detach().double(), torch.zeros(9, dtype=torch.float64), estimator, direction, clamp=limit)
+    # rtol: logps +- limit is rounded in float32, 1e-3 in r at |logps| = 1e4
+    torch.testing.assert_close(values.double(), reference, rtol=2e-3, atol=0)
+    assert torch.equal(values[3:6], per_token_kl(logps.detach()[3:6].float(), torch.zeros(3), estimator, direction))
 
 
-def test_unclamped_k3_overflows_which_is_why_the_clamp_exists():
-    assert torch.isinf(per_token_kl(torch.tensor([-1e4]), torch.zeros(1), "k3")).all()
+def test_without_the_clamp_the_dtype_bound_keeps_k3_finite():
+    """kl_clamp=None: k3 at r = -1e4 would be e^1e4 (inf); the float32 bound (80) gives k3(-80) instead."""
+    bound = finite_gradient_bound(torch.float32)
+    assert 79 < bound < 81
+    got = per_token_kl(torch.zeros(1), torch.tensor([1e4]), "k3")
+    assert torch.isfinite(got).all()
+    # rtol: the bound is rounded to float32 (4e-6 absolute in r, times e^80's slope)
+    torch.testing.assert_close(got.double(), torch.expm1(torch.tensor([bound], dtype=torch.float64)) - bound, rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match=r"clamp must be in \(0, 50.0\]"):
         per_token_kl(torch.zeros(1), torch.zeros(1), "k3", clamp=0.0)
 

@@ -23,6 +23,8 @@ Adding an estimator of either kind is one decorated function with its docstring 
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -191,8 +193,23 @@ MAX_CLAMP = 50.0
 """Largest ``kl_clamp``: ``exp(50)`` keeps k3 and the forward direction finite in float32 (``exp(89)`` overflows)."""
 
 
+@functools.cache
+def finite_gradient_bound(dtype: torch.dtype) -> float:
+    """Largest ``|r|`` at which the registered log-ratio estimators' values and gradients, in both directions, fit
+    ``dtype``: their size is at most ``e^|r| (r^2/2 + |r| + 1)`` (forward k2), so float16 gets about 6.9 and
+    bfloat16/float32 about 80 (above ``MAX_CLAMP``: ``kl_clamp`` decides there)."""
+    top = math.log(torch.finfo(dtype).max) - math.log(2.0)  # a factor 2 of headroom for the sum of the terms
+    low, high = 0.0, top
+    for _ in range(60):  # bisection on log(e^c (c^2/2 + c + 1)) <= top
+        middle = (low + high) / 2
+        low, high = (middle, high) if middle + math.log(middle * middle / 2 + middle + 1) <= top else (low, middle)
+    return low
+
+
 def bound_reference(logps: torch.Tensor, ref_logps: torch.Tensor, clamp: float | None) -> torch.Tensor:
-    """Reference log-probs moved to within ``clamp`` of the (detached) policy's, so ``|r| <= clamp`` (``kl_clamp``).
+    """Reference log-probs moved to within ``clamp`` of the (detached) policy's, so ``|r| <= clamp`` (``kl_clamp``),
+    and never further than ``finite_gradient_bound(logps.dtype)`` (float16: 6.9), so the gradient that comes back in
+    ``logps``' dtype is finite for any finite input, with or without ``clamp``.
 
     Bounding the reference rather than clamping ``r`` keeps every value exact where the bound is inactive and
     the gradient through ``log pi`` finite and nonzero where it is active (the estimator's slope at
@@ -200,13 +217,12 @@ def bound_reference(logps: torch.Tensor, ref_logps: torch.Tensor, clamp: float |
     exp, so k3 cannot overflow (trl #3015, OpenRLHF #525). Shapes: ``[...]`` -> ``[...]``, detached, in at least
     float32.
     """
-    if clamp is None:
-        return ref_logps.detach()
-    if not 0 < clamp <= MAX_CLAMP:
+    if clamp is not None and not 0 < clamp <= MAX_CLAMP:
         raise ValueError(f"clamp must be in (0, {MAX_CLAMP}] or None, got {clamp}")
+    limit = min(math.inf if clamp is None else clamp, finite_gradient_bound(logps.dtype))
     dtype = torch.promote_types(logps.dtype, torch.float32)  # logps +- clamp would round in half precision
     anchor = logps.detach().to(dtype)
-    return torch.clamp(ref_logps.detach().to(dtype), anchor - clamp, anchor + clamp)
+    return torch.clamp(ref_logps.detach().to(dtype), anchor - limit, anchor + limit)
 
 
 def per_token_kl(
