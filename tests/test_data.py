@@ -72,6 +72,10 @@ def test_missing_columns_are_named_with_the_available_ones(fields, missing):
         ("chosen_rating", [7, 8, 4], {"margin_source": "likert"}, "row 1: chosen Likert rating 8 is not an integer in 1..7"),
         ("preference_strength", ["better", "much better", "better"], {"margin_source": "label"}, "row 1: Unknown preference-strength label 'much better'"),
         ("score", [0.1, float("inf"), 0.2], {"margin_source": "column", "margin_column": "score"}, "row 1: margin must be a finite number"),
+        # a boolean column (a mislabeled "is_better" flag) would read as margins of 0 and 1
+        ("chosen_rating", [True, False, True], {"margin_source": "rating"}, "row 0: chosen rating must be a finite number, got bool True"),
+        ("chosen_rating", [True, False, True], {"margin_source": "likert"}, "row 0: chosen Likert rating must be a finite number, got bool True"),
+        ("score", [False, True, True], {"margin_source": "column", "margin_column": "score"}, "row 0: margin must be a finite number, got bool False"),
     ],
 )
 def test_bad_rows_are_named(column, values, fields, reason):

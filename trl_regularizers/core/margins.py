@@ -15,6 +15,7 @@ Adding a source is one decorated function.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,10 @@ LLAMA2_MARGIN_LARGE: dict[str, float] = {
 
 
 def _finite(value: float, what: str) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return number
+    """``value`` as a float; booleans (read as 0/1, a mislabeled column), None, text and non-finite numbers raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {type(value).__name__} {value!r:.80}")
+    return float(value)
 
 
 def rating_margin(chosen: float, rejected: float, scale: float = 1.0) -> float:
@@ -50,7 +51,8 @@ def likert_margin(chosen: int, rejected: int, num_points: int, scale: float = 1.
     if num_points < 2:
         raise ValueError(f"a Likert scale needs at least 2 points, got {num_points}")
     for name, rating in (("chosen", chosen), ("rejected", rejected)):
-        if rating != int(rating) or not 1 <= rating <= num_points:
+        number = _finite(rating, f"{name} Likert rating")
+        if number != int(number) or not 1 <= number <= num_points:
             raise ValueError(f"{name} Likert rating {rating!r} is not an integer in 1..{num_points}")
     return scale * (int(chosen) - int(rejected)) / (num_points - 1)
 
@@ -100,9 +102,7 @@ def register_margin_source(name: str, *column_fields: str):
 
 
 def finite_margin(value) -> float:
-    """A ready-made margin value as a float; None, text and non-finite numbers raise."""
-    if value is None or isinstance(value, (str, bytes)):
-        raise ValueError(f"margin must be a finite number, got {value!r}")
+    """A ready-made margin value as a float; None, booleans, text and non-finite numbers raise."""
     return _finite(value, "margin")
 
 
