@@ -298,6 +298,16 @@ def test_ptx_goes_through_a_peft_model(tiny_lm_path, tmp_path):
 def test_empty_texts_and_out_of_vocabulary_ids_are_refused_before_training():
     with pytest.raises(ValueError, match="Every document of the pretraining dataset is empty \\(column 'text'\\)"):
         PtxStream(["", "", ""], TOKENIZER, block_size=2, batch_size=1)
+    empty_stream = datasets.Dataset.from_dict({"text": [""] * 100}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="empty \\(column 'text'; all 100 documents of the stream\\)"):
+        PtxStream(empty_stream, TOKENIZER, block_size=2, batch_size=1)
+    endless = datasets.IterableDataset.from_generator(lambda: ({"text": ""} for _ in iter(int, 1)))
+    with pytest.raises(ValueError, match=r"the first 100[0-9]{2} documents of the stream"):
+        PtxStream(endless, TOKENIZER, block_size=2, batch_size=1)
+    late_content = datasets.Dataset.from_dict({"text": [""] * 99 + ["abc"]}).to_iterable_dataset()
+    late = PtxStream(late_content, TOKENIZER, block_size=2, batch_size=1)  # its one document with content is the last
+    epoch = [token for _ in range(51) for token in late.next_batch()["input_ids"].flatten().tolist()]  # 103 tokens
+    assert sorted(set(epoch)) == sorted(TOKENIZER("abc")["input_ids"] + [TOKENIZER.eos_token_id])
     ids = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 3 + [[4, 999]]})
     with pytest.raises(ValueError, match=r"row 3, column 'input_ids', holds the token id 999, outside the model's vocabulary \[0, 259\)"):
         PtxStream(ids, TOKENIZER, block_size=2, batch_size=1, vocab_size=259)

@@ -45,6 +45,10 @@ def check_token_ids(min_ids, max_ids, vocab_size: int | None, where: str) -> Non
         raise ValueError(f"{where.format(row=row)} holds the token id {value}, outside the model's vocabulary [0, {vocab_size}).")
 
 
+STREAM_SCAN_ROWS = 10_000
+"""Rows of an ``IterableDataset`` read before training, at most, to find one non-empty document."""
+
+
 class PtxStream:
     """Packed, sharded, cycling, resumable stream of pretraining batches.
 
@@ -142,6 +146,7 @@ class PtxStream:
             self._iterable = dataset
             self._documents = None
             self.blocks_per_epoch = None
+            self._check_stream_has_content()
         elif isinstance(dataset, datasets.Dataset):
             if len(dataset) == 0:
                 raise ValueError("The pretraining dataset is empty.")
@@ -174,6 +179,22 @@ class PtxStream:
                 "pretrain_dataset must be a datasets.Dataset, a datasets.IterableDataset or a list of strings, "
                 f"got {type(dataset).__name__}."
             )
+
+    def _check_stream_has_content(self) -> None:
+        """A stream cannot be counted: read it until a document with content, at most ``STREAM_SCAN_ROWS`` rows."""
+        scanned = 0
+        for rows in self._iterable.iter(batch_size=64):
+            documents = tokenize_documents(rows[self._column], self._column, self.tokenizer, self.eos_token_id)
+            if any(documents["content"]):
+                return
+            scanned += len(documents["content"])
+            if scanned >= STREAM_SCAN_ROWS:
+                break
+        where = f"the first {scanned} documents" if scanned >= STREAM_SCAN_ROWS else f"all {scanned} documents"
+        raise ValueError(
+            f"Every document of the pretraining dataset is empty (column {self._column!r}; {where} of the stream): the "
+            "ptx NLL would train on end-of-sequence tokens only."
+        )
 
     @property
     def global_batch_blocks(self) -> int:
