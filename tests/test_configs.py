@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 
 import pytest
 from trl import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, TrlParser
@@ -161,3 +162,21 @@ def test_label_map_refuses_non_finite_and_non_numeric_margins(label_map):
 def test_margin_scale_must_be_positive():
     with pytest.raises(ValueError, match="margin_scale must be > 0, got -1.0"):
         RegularizedRewardConfig("o", **CPU, margin_scale=-1.0)
+
+
+@pytest.mark.parametrize("config_cls", [RegularizedGRPOConfig, RegularizedRLOOConfig])
+def test_kl_options_with_a_zero_coefficient_warn_that_no_kl_is_applied(config_cls, tmp_path):
+    """TRL's GRPO defaults to beta=0.0: a KL estimator chosen there would silently do nothing."""
+    with pytest.warns(UserWarning, match=r"kl_estimator='k2', kl_direction='forward' set, but beta=0: no KL penalty is applied"):
+        config_cls(str(tmp_path), beta=0.0, kl_estimator="k2", kl_direction="forward", **CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        config_cls(str(tmp_path), beta=0.0, **CPU)  # defaults: nothing asked for, nothing to warn about
+        config_cls(str(tmp_path), beta=0.1, kl_estimator="k1", **CPU)
+
+
+def test_sft_kl_options_with_a_zero_coefficient_warn(tmp_path):
+    from trl_regularizers import RegularizedSFTConfig
+
+    with pytest.warns(UserWarning, match=r"sft_kl_direction='reverse' set, but sft_kl_coef=0"):
+        RegularizedSFTConfig(str(tmp_path), sft_kl_direction="reverse", **CPU)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl_regularizers.core.kl import KL_DIRECTIONS, KL_PLACEMENTS, MAX_CLAMP, kl_estimator_info, kl_estimator_names
 from trl_regularizers.core.margins import LLAMA2_MARGIN_LARGE, LLAMA2_MARGIN_SMALL, MARGIN_SOURCES
@@ -17,6 +18,18 @@ from trl_regularizers.validation import Choice, RegistryChoices, at_least, in_ra
 
 MARGIN_LABEL_MAPS: dict[str, dict[str, float]] = {"llama2_small": LLAMA2_MARGIN_SMALL, "llama2_large": LLAMA2_MARGIN_LARGE}
 KL_ESTIMATOR_CHOICES = RegistryChoices(kl_estimator_names)
+
+
+def warn_if_unused(config, options: tuple[str, ...], coefficient: str) -> None:
+    """Warn when KL options are set away from their defaults while the coefficient that applies them is 0 (TRL's GRPO
+    default ``beta=0.0``): the run would train without the KL the user asked for."""
+    if getattr(config, coefficient) != 0:
+        return
+    defaults = {item.name: item.default for item in fields(config) if item.name in options}
+    changed = {name: getattr(config, name) for name in options if getattr(config, name) != defaults[name]}
+    if changed:
+        settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+        warnings.warn(f"{settings} set, but {coefficient}=0: no KL penalty is applied. Set {coefficient} > 0 to use it.", UserWarning, stacklevel=4)
 
 
 @dataclass
@@ -206,6 +219,7 @@ class KLArguments:
         at_least(0.0)(self.KL_COEFFICIENT, coef)
         if self.kl_target is not None and not coef > 0:
             raise ValueError(f"kl_target={self.kl_target} needs {self.KL_COEFFICIENT} > 0 to adapt from, got {self.KL_COEFFICIENT}={coef}.")
+        warn_if_unused(self, ("kl_estimator", "kl_placement", "kl_direction", "kl_clamp"), self.KL_COEFFICIENT)
 
 
 @dataclass
@@ -248,3 +262,4 @@ class SFTKLArguments:
             )
         if self.sft_kl_target is not None and not self.sft_kl_coef > 0:
             raise ValueError(f"sft_kl_target={self.sft_kl_target} needs sft_kl_coef > 0 to adapt from, got sft_kl_coef={self.sft_kl_coef}.")
+        warn_if_unused(self, ("sft_kl_direction", "sft_kl_estimator"), "sft_kl_coef")
