@@ -6,6 +6,7 @@ The data are TRL's own test formats (its ``scripts/generate_toolcall_dataset.py`
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from datasets import Dataset
@@ -125,3 +126,25 @@ def test_sft_takes_plain_training_arguments_like_stock(tiny_lm_path, tmp_path):
 def test_sft_refuses_what_stock_cannot_train_naming_row_and_column(tiny_lm_path, tmp_path, columns, config, message):
     with pytest.raises(ValueError, match=message):
         RegularizedSFTTrainer(tiny_lm_path, args=SFTConfig(str(tmp_path), **CPU, **config), train_dataset=Dataset.from_dict(columns))
+
+
+def logged(trainer, metric: str) -> list[float]:
+    trainer.train()
+    values = [entry[metric] for entry in trainer.state.log_history if metric in entry]
+    assert values and all(math.isfinite(value) for value in values), (metric, values)
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_regularizers_on_tool_call_data_are_finite_and_logged(tiny_lm_path, tool_tokenizer, tmp_path):
+    """DPO+NLL and the SFT KL anchor on the tool-call rows: finite, logged, and they change the loss."""
+    from trl_regularizers import RegularizedDPOConfig, RegularizedSFTConfig
+
+    pairs = tool_rows(True, prompt=PROMPTS, chosen=CHOSEN, rejected=REJECTED)
+    dpo = logged(RegularizedDPOTrainer(tiny_lm_path, args=RegularizedDPOConfig(str(tmp_path), nll_alpha=0.5, **CPU),
+                                       train_dataset=pairs, processing_class=tool_tokenizer), "nll/chosen")
+    assert dpo[0] > losses(DPOTrainer(tiny_lm_path, args=DPOConfig(str(tmp_path), **CPU), train_dataset=pairs,
+                                      processing_class=tool_tokenizer))[0]  # + 0.5 * NLL > 0
+    texts = tool_rows(False, messages=[p + c for p, c in zip(PROMPTS, CHOSEN)])
+    sft = RegularizedSFTTrainer(tiny_lm_path, args=RegularizedSFTConfig(str(tmp_path), sft_kl_coef=1.0, **CPU),
+                                train_dataset=texts, processing_class=tool_tokenizer)
+    logged(sft, "kl/forward")

@@ -56,3 +56,29 @@ def test_init_without_args_builds_the_regularized_defaults(tiny_lm_path, tiny_rm
     assert trainer.args.output_dir.endswith(f"{model_path.rstrip('/').split('/')[-1]}-{suffix}")
     assert trainer.args.learning_rate == defaults.learning_rate
     assert all(getattr(trainer.args, name) == getattr(defaults, name) for name in ("ptx_coef", "kl_estimator", "margin_source") if hasattr(defaults, name))
+
+
+TRAINER_PARENTS = {
+    RegularizedDPOTrainer: "DPOTrainer", RegularizedRewardTrainer: "RewardTrainer", RegularizedGRPOTrainer: "GRPOTrainer",
+    RegularizedRLOOTrainer: "RLOOTrainer", RegularizedSFTTrainer: "SFTTrainer",
+}
+
+
+@pytest.mark.parametrize("trainer_cls", list(TRAINER_PARENTS), ids=lambda cls: cls.__name__)
+def test_init_takes_every_parameter_of_the_parent_with_its_default(trainer_cls):
+    """Our constructor is TRL's (names, order, kinds, defaults; e.g. GRPO's ``reward_funcs=None`` on TRL 1.16), plus
+    keyword-only extras, and binds any call the parent accepts to the same values."""
+    import inspect
+
+    import trl
+
+    parent = inspect.signature(getattr(trl, TRAINER_PARENTS[trainer_cls]).__init__).parameters
+    ours = inspect.signature(trainer_cls.__init__).parameters
+    assert [p for p in ours.values() if p.name in parent] == list(parent.values())
+    extras = [p for p in ours.values() if p.name not in parent]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
+    from trl_regularizers.trainers.adapters.base import trl_arguments
+
+    positional = [name for name, p in parent.items() if name != "self" and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    values = {name: object() for name in positional}
+    assert trl_arguments(getattr(trl, TRAINER_PARENTS[trainer_cls]).__init__, tuple(values.values()), {}) == values
