@@ -3,8 +3,9 @@
 # requirement (trl>=1.12,!=1.15.0, no upper bound) allows (scripts/trl_releases.py):
 #   latest   .venv, the newest release: the whole suite
 #   trl112   .venv-trl112, TRL 1.12 (the [ppo] extra): the whole suite
-#   <X.Y.Z>  each release between: the core, trainer and TRL-contract tests, in .venv with that TRL wheel first on
-#            PYTHONPATH
+#   <X.Y.Z>  each release between, in .venv with that TRL wheel first on PYTHONPATH: the newest patch of each minor
+#            the trainer, ptx, config and TRL-contract tests (core/ is pure torch: tested once, on the latest); an
+#            older patch the TRL contract, the drop-in tests and every parity test against stock TRL ("stock")
 #   deps     .venv-deps, the built wheel (the library only) with its declared dependencies: each release is installed
 #            in turn (with TRL's own requirements) and the trainers must import
 # A release newer than the newest one tested (trainers/adapters/contract.py NEWEST_TESTED_TRL) runs like any other:
@@ -16,11 +17,14 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mapfile -t declared < <(python3 scripts/trl_releases.py)
 export TRL_LATEST="${declared[-1]}"
 between=()
+declare -A newest_patch  # minor -> its newest declared patch (the list is sorted)
 for version in "${declared[@]}"; do
   case "$version" in 1.12.* | "$TRL_LATEST") ;; *) between+=("$version") ;; esac
+  newest_patch[${version%.*}]=$version
 done
 echo "== TRL releases: ${declared[*]} (whole suite on 1.12 and $TRL_LATEST)"
-subset=(tests/core tests/trainers tests/test_configs.py tests/test_ptx.py tests/test_trl_contract.py)
+newest_patch_tests=(tests/trainers tests/test_configs.py tests/test_ptx.py tests/test_trl_contract.py tests/test_dataset_checks.py)
+older_patch_tests=(tests/test_trl_contract.py tests/trainers -k "stock or contract or drop_in")
 import_check='
 import trl
 from trl import DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer, SFTTrainer
@@ -36,7 +40,9 @@ for env in ${TRL_ENVS:-latest trl112 ${between[*]} deps}; do
     latest | trl112)
       venv=.venv; [ "$env" = trl112 ] && venv=.venv-trl112
       echo "== tests in $venv ($("$venv/bin/python" -c 'import trl; print("TRL", trl.__version__)'))"
-      "$venv/bin/python" -m pytest "$@" || failed+=("$venv") ;;
+      # core/ is pure torch (tests/core/test_isolation.py): once is enough
+      if [ $# -gt 0 ]; then args=("$@"); elif [ "$env" = trl112 ]; then args=(--ignore=tests/core); else args=(); fi
+      "$venv/bin/python" -m pytest "${args[@]}" || failed+=("$venv") ;;
     deps)
       # The wheel as built now (the library only: scripts/build_wheel.sh checks its files), installed as a user would.
       bash scripts/build_wheel.sh || failed+=("the wheel")
@@ -52,7 +58,9 @@ for env in ${TRL_ENVS:-latest trl112 ${between[*]} deps}; do
       # Absolute, since some tests start subprocesses in other folders.
       export PYTHONPATH="$PWD/.venv-trl/$env"
       echo "== tests in .venv with $(.venv/bin/python -c 'import trl; print("TRL", trl.__version__, "from", trl.__path__[0])')"
-      if [ $# -gt 0 ]; then args=("$@"); else args=("${subset[@]}"); fi
+      if [ $# -gt 0 ]; then args=("$@")
+      elif [ "${newest_patch[${env%.*}]}" = "$env" ]; then args=("${newest_patch_tests[@]}")
+      else args=("${older_patch_tests[@]}"); fi
       .venv/bin/python -m pytest "${args[@]}" || failed+=("TRL $env")
       unset PYTHONPATH ;;
   esac
