@@ -1,5 +1,6 @@
 """Every data format stock TRL trains on, the Regularized* trainers train on, with the same loss: tool calls (an
-assistant turn with ``tool_calls`` and no ``content``, ``tool`` turns, a ``tools`` column as JSON text or as a list),
+assistant turn with ``tool_calls`` and no ``content``, ``tool`` turns, a ``tools`` column as JSON text or as a list,
+``reasoning_content``),
 ShareGPT ``conversations``, SFT's ``formatting_func``, ``dataset_text_field`` and plain ``TrainingArguments``.
 The data are TRL's own test formats (its ``scripts/generate_toolcall_dataset.py`` and SFT tests)."""
 
@@ -18,12 +19,14 @@ from trl_regularizers import RegularizedDPOTrainer, RegularizedRewardTrainer, Re
 TOOL_TEMPLATE = (
     "{% if tools %}{{ '<|im_start|>system\n' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message.get('reasoning_content') %}{{ '<think>' + message['reasoning_content'] + '</think>' }}{% endif %}"
     "{% if message.get('content') %}{{ message['content'] }}{% endif %}"
     "{% if message.get('tool_calls') %}{{ message['tool_calls'] | tojson }}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-"""ChatML with the tool schemas in a system turn and tool calls as JSON (the tiny tokenizer's template has neither)."""
+"""ChatML with the tool schemas in a system turn, reasoning in <think> tags and tool calls as JSON (the tiny
+tokenizer's template has none of them)."""
 
 TIMER = {"type": "function", "function": {"name": "start_timer", "description": "Start a timer.",
          "parameters": {"type": "object", "properties": {"duration": {"type": "integer"}}, "required": ["duration"]}}}
@@ -32,7 +35,7 @@ CHOSEN = [
     [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "start_timer", "arguments": {"duration": 600}}}]},
      {"role": "tool", "name": "start_timer", "content": "600"},
      {"role": "assistant", "content": "Timer set for 10 minutes."}],
-    [{"role": "assistant", "content": "It is 6:22."}],
+    [{"role": "assistant", "reasoning_content": "Tokyo is UTC+9.", "content": "It is 6:22."}],
 ]
 REJECTED = [[{"role": "assistant", "content": "Timer set for 10 seconds."}], [{"role": "assistant", "content": "Noon, maybe."}]]
 CPU = dict(report_to="none", max_steps=2, per_device_train_batch_size=2, bf16=False, save_strategy="no", seed=7,
