@@ -7,7 +7,7 @@ import math
 import pytest
 
 from examples.demo.corpus import ANIMALS, world
-from examples.demo.forget import friends, new_task, new_task_score, prior_task, score_reward
+from examples.demo.forget import MATCH_SCORE, friends, new_task, new_task_score, prior_task, score_reward
 from examples.demo.forget_report import seed_numbers, summarize_forget, verdict
 from examples.demo.stats import bootstrap_r2, linear_fit, mean_interval
 
@@ -37,7 +37,8 @@ def _probe(step, new, prior, nll, kl):
 
 
 def test_seed_numbers_read_the_end_and_the_first_matched_probe():
-    probes = [_probe(0, 0.0, 1.0, 0.1, 0.0), _probe(5, 0.5, 0.9, 0.3, 1.0), _probe(10, 0.8, 0.8, 0.5, 2.0), _probe(15, 1.0, 0.7, 0.6, 3.0)]
+    below, above = MATCH_SCORE - 0.1, MATCH_SCORE + 0.05
+    probes = [_probe(0, 0.0, 1.0, 0.1, 0.0), _probe(5, below, 0.9, 0.3, 1.0), _probe(10, above, 0.8, 0.5, 2.0), _probe(15, 1.0, 0.7, 0.6, 3.0)]
     numbers = seed_numbers(probes)
     assert numbers["prior_nll_rise_end"] == pytest.approx(0.5) and numbers["kl_forward_end"] == 3.0
     assert numbers["step_at_match"] == 10 and numbers["prior_nll_rise_at_match"] == pytest.approx(0.4)
