@@ -73,13 +73,13 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
 
     report = main(["--quick", "--out", str(tmp_path)])
     text = report.read_text()
-    for png in ("overoptimization.png", "a_dpo_chosen_logp.png", "b_grpo.png", "c_drift_vs_forgetting.png", "d_reward_margins.png", "e_reward_aware.png"):
+    for png in ("overoptimization.png", "a_dpo_chosen_logp.png", "b_grpo.png", "c_drift_vs_forgetting.png", "d_reward_margins.png", "e_reward_aware.png", "f_forget.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["seeds"] == [0, 1]
     # The report leads with the study, and has every section.
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings[0].startswith("## Over-optimization") and len(headings) == 7
+    assert headings[0].startswith("## Over-optimization") and len(headings) == 8
     assert text.index("![over-optimization](overoptimization.png)") < text.index("## The embedded tiny model")
     numbers = [float(x) for x in re.findall(r"-?\d+\.\d{3}", text)]
     assert numbers and all(math.isfinite(x) for x in numbers)
@@ -122,6 +122,25 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     flipped = [[e["eval_rewards/accuracies"] for e in r["log_history"] if "eval_flipped_loss" in e][-1] for r in rpo]
     assert results["reward_aware"]["RPO (bwd KL)"]["flipped_accuracy_end"] == pytest.approx(mean_interval(flipped))
     assert rpo[0]["settings"]["reward_aware_loss"] == "rpo_bwd_kl" and any("reward_aware/loss" in e for e in rpo[0]["log_history"])
+    # (f): forgetting (prior-fact NLL rise over the step-0 probe), the paired claims and the drift fit, from the probes.
+    from examples.demo.forget import FORGET_VARIANTS
+
+    forget = results["forget"]
+    assert set(forget["methods"]) == set(FORGET_VARIANTS)
+    sft, grpo_f = run("f_forget/SFT"), run("f_forget/GRPO")
+    rise = {name: [r["probes"][-1]["prior/nll"] - r["probes"][0]["prior/nll"] for r in rs] for name, rs in (("SFT", sft), ("GRPO", grpo_f))}
+    assert forget["methods"]["SFT"]["prior_nll_rise_end"] == pytest.approx(mean_interval(rise["SFT"]))
+    assert fmt(forget["methods"]["SFT"]["prior_nll_rise_end"]) in text
+    assert all(r["probes"][0]["step"] == 0 and r["settings"]["sft_kl_coef"] == 0.0 for r in sft)
+    claim = next(c for c in forget["claims"] if (c["a"], c["b"]) == ("SFT", "GRPO"))
+    assert claim["end_per_seed"] == pytest.approx([a - b for a, b in zip(rise["SFT"], rise["GRPO"])])
+    assert fmt(claim["end"]) in text
+    points = {(p["name"], p["seed"]): p for p in forget["drift_fit"]["points"]}
+    assert len(points) == len(FORGET_VARIANTS) * len(results["seeds"])
+    assert points[("GRPO", 1)]["kl_forward"] == grpo_f[1]["probes"][-1]["drift/kl_forward"]
+    assert f"R^2 = {forget['drift_fit']['r2']:.3f}" in text
+    filtered = run("f_forget/SFT_on_filtered_base_samples")
+    assert forget["methods"]["SFT on filtered base samples"]["filtered_examples"] == [len(r["filtered_data"]) for r in filtered]
 
     # A second run reuses every saved run (same settings, same code) and writes the same numbers.
     started = json.loads((tmp_path / "study" / "GRPO_no_KL" / "seed0" / "run.json").read_text())["key"]

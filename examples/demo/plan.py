@@ -12,6 +12,7 @@ MARGIN_RUNS = "RM and RM+margin"
 
 def demo_jobs(seeds: int) -> list[Job]:
     """All jobs, in an order that runs each proxy reward model before the policies that need it."""
+    from examples.demo.forget import FORGET_VARIANTS
     from examples.demo.overopt import STUDY_VARIANTS
     from examples.demo.runs import DPO_VARIANTS, GRPO_VARIANTS, REWARD_AWARE_VARIANTS
 
@@ -25,12 +26,13 @@ def demo_jobs(seeds: int) -> list[Job]:
         jobs += [Job("b_grpo", name, seed) for name in GRPO_VARIANTS]
         jobs += [Job("d_reward", MARGIN_RUNS, seed)]
         jobs += [Job("e_reward_aware", name, seed) for name in REWARD_AWARE_VARIANTS]
+        jobs += [Job("f_forget", name, seed) for name in FORGET_VARIANTS]
     return jobs
 
 
 def run_job(job: Job, folder: Path, context: dict) -> dict:
     """Train ``job`` into ``folder``; ``context`` holds the model paths and the ``DemoSize`` fields."""
-    from examples.demo import margins, overopt, runs
+    from examples.demo import forget, margins, overopt, runs
 
     size, base = runs.DemoSize(**context["size"]), context["base"]
     if job.panel == "study":
@@ -40,5 +42,5 @@ def run_job(job: Job, folder: Path, context: dict) -> dict:
         return overopt.run_policy(context["start"], base, proxy_dir, folder, size, job.seed, job.options["trainer"], job.options["variant"])
     if job.panel == "d_reward":
         return {"runs": margins.run_margins(base, folder, size, job.seed)}
-    run = {"a_dpo": runs.run_dpo, "b_grpo": runs.run_grpo, "e_reward_aware": runs.run_reward_aware}[job.panel]
+    run = {"a_dpo": runs.run_dpo, "b_grpo": runs.run_grpo, "e_reward_aware": runs.run_reward_aware, "f_forget": forget.run_forget}[job.panel]
     return run(base, folder, size, job.seed, job.name)

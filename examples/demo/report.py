@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from examples.demo.forget_report import forget_section, plot_forget, summarize_forget
 from examples.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE, STUDY_VARIANTS
 from examples.demo.margins import FLIP_RATES, MARGIN_SCALE
 from examples.demo.plan import PROXY
@@ -337,6 +338,7 @@ def summarize(records: dict[str, dict], base: str) -> dict:
         "drift_vs_forgetting": summarize_forgetting(records),
         "reward": summarize_margins(records),
         "reward_aware": summarize_reward_aware(records),
+        "forget": summarize_forget(records),
         "train_seconds": sum(r["seconds"] for r in records.values()),
     }
 
@@ -390,6 +392,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, se
     summary = summarize(records, base)
     plot_study(records, summary["study"], out / "overoptimization.png")
     plot_panels(records, summary, out)
+    plot_forget(records, summary["forget"], out / "f_forget.png")
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     study, base_info, fit = summary["study"], summary["base_model"], summary["drift_vs_forgetting"]
     n = len(summary["seeds"])
@@ -502,6 +505,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, se
         "",
         "![reward-aware](e_reward_aware.png)",
         "",
+        *forget_section(summary["forget"], "f_forget.png"),
     ]
     path = out / "report.md"
     path.write_text("\n".join(text))

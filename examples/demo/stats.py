@@ -1,8 +1,10 @@
-"""Small statistics for the demo report: means with 95% t-intervals over seeds, and Gao et al.'s RL fit."""
+"""Small statistics for the demo report: means with 95% t-intervals over seeds, Gao et al.'s RL fit, and a line fit
+with a bootstrap interval of its R^2."""
 
 from __future__ import annotations
 
 import math
+import random
 
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 """Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: 1.96 is within 10%)."""
@@ -51,3 +53,37 @@ def gao_rl_fit(d: list[float], gain: list[float]) -> dict[str, float]:
     d_star = math.exp(min(alpha / beta - 1, 50.0)) if beta > 0 else float("nan")
     return {"alpha": alpha, "beta": beta, "d_star": d_star, "gain_star": beta * d_star if beta > 0 else float("nan"),
             "r2": 1 - residual / total if total > 0 else float("nan")}
+
+
+def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
+    """Least-squares ``y = intercept + slope * x``: ``slope``, ``intercept`` and ``r2`` (NaN when y is constant)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"linear_fit needs two equally long lists of at least 2 points, got {len(x)} and {len(y)}.")
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((u - mx) ** 2 for u in x)
+    if sxx == 0:
+        raise ValueError("linear_fit: all x are equal, the slope is undetermined.")
+    slope = sum((u - mx) * (v - my) for u, v in zip(x, y)) / sxx
+    intercept = my - slope * mx
+    total = sum((v - my) ** 2 for v in y)
+    residual = sum((v - intercept - slope * u) ** 2 for u, v in zip(x, y))
+    return {"slope": slope, "intercept": intercept, "r2": 1 - residual / total if total > 0 else float("nan")}
+
+
+def bootstrap_r2(x: list[float], y: list[float], resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """95% percentile-bootstrap interval of ``linear_fit``'s R^2, resampling the points with replacement
+    (resamples with constant x or y are redrawn). Returns ``low``, ``high`` and ``resamples``."""
+    if resamples < 10:
+        raise ValueError(f"resamples must be >= 10, got {resamples}.")
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        raise ValueError("bootstrap_r2 needs at least two distinct x and two distinct y values.")
+    rng = random.Random(seed)
+    values: list[float] = []
+    while len(values) < resamples:
+        picks = [rng.randrange(len(x)) for _ in x]
+        xs, ys = [x[i] for i in picks], [y[i] for i in picks]
+        if len(set(xs)) > 1 and len(set(ys)) > 1:
+            values.append(linear_fit(xs, ys)["r2"])
+    values.sort()
+    return {"low": values[int(0.025 * resamples)], "high": values[int(0.975 * resamples) - 1], "resamples": resamples}
