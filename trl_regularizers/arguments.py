@@ -192,7 +192,7 @@ class KLArguments:
     kl_clamp (`float` or `None`, *optional*, defaults to `20.0`):
         Bound on |log pi - log pi_ref|, in (0, 50], applied before any exp by moving the reference log-prob to
         within `kl_clamp` of the policy's, so k3 cannot overflow (trl #3015) and clamped tokens keep a gradient.
-        `None` disables it; the dtype's own bound (float16: 6.9, float32: 80) still keeps gradients finite.
+        In float16 it is never looser than 6.9, where k3's gradient still fits. `None`: the largest bound, 50.
     kl_target (`float` or `None`, *optional*, defaults to `None`):
         If set, beta is adapted toward this KL per sequence after each optimizer step that saw new KL values (in
         the loss: every step; in the reward: once per generation)
@@ -204,7 +204,7 @@ class KLArguments:
     kl_estimator: str = field(default="k3", metadata={"help": "KL estimator.", "choices": KL_ESTIMATOR_CHOICES})
     kl_placement: str = field(default="loss", metadata={"help": "Where the KL penalty goes.", "choices": list(KL_PLACEMENTS)})
     kl_direction: str = field(default="reverse", metadata={"help": "KL direction.", "choices": list(KL_DIRECTIONS)})
-    kl_clamp: float | None = field(default=20.0, metadata={"help": "Bound on the log-ratio before exp (None: off)."})
+    kl_clamp: float | None = field(default=20.0, metadata={"help": "Bound on the log-ratio before exp (None: the largest, 50)."})
     kl_target: float | None = field(default=None, metadata={"help": "Target KL for adaptive beta (None: fixed beta)."})
     kl_horizon: float = field(default=10_000.0, metadata={"help": "Horizon of the adaptive KL controller."})
 

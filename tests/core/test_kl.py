@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from trl_regularizers.core.full_kl import full_vocab_kl
 from trl_regularizers.core.kl import (
     KL_ESTIMATORS,
+    MAX_CLAMP,
     finite_gradient_bound,
     get_kl_estimator,
     kl_estimator_names,
@@ -149,14 +152,13 @@ def test_half_precision_values_and_gradients_are_finite_at_every_log_ratio(estim
     assert torch.equal(values[3:6], per_token_kl(logps.detach()[3:6].float(), torch.zeros(3), estimator, direction))
 
 
-def test_without_the_clamp_the_dtype_bound_keeps_k3_finite():
-    """kl_clamp=None: k3 at r = -1e4 would be e^1e4 (inf); the float32 bound (80) gives k3(-80) instead."""
-    bound = finite_gradient_bound(torch.float32)
-    assert 79 < bound < 81
-    got = per_token_kl(torch.zeros(1), torch.tensor([1e4]), "k3")
-    assert torch.isfinite(got).all()
-    # rtol: the bound is rounded to float32 (4e-6 absolute in r, times e^80's slope)
-    torch.testing.assert_close(got.double(), torch.expm1(torch.tensor([bound], dtype=torch.float64)) - bound, rtol=1e-4, atol=0)
+def test_without_the_clamp_the_largest_bound_keeps_k3_finite():
+    """kl_clamp=None: k3 at r = -1e4 would be e^1e4 (inf); the largest bound (50) gives k3(-50) instead, in float32
+    as in float64. float32 itself would hold up to ``finite_gradient_bound(float32)`` (about 80)."""
+    assert 79 < finite_gradient_bound(torch.float32) < 81
+    for dtype in (torch.float32, torch.float64):
+        got = per_token_kl(torch.zeros(1, dtype=dtype), torch.tensor([1e4], dtype=dtype), "k3")
+        torch.testing.assert_close(got.double(), torch.tensor([math.expm1(MAX_CLAMP) - MAX_CLAMP], dtype=torch.float64), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match=r"clamp must be in \(0, 50.0\]"):
         per_token_kl(torch.zeros(1), torch.zeros(1), "k3", clamp=0.0)
 

@@ -207,9 +207,9 @@ def finite_gradient_bound(dtype: torch.dtype) -> float:
 
 
 def bound_reference(logps: torch.Tensor, ref_logps: torch.Tensor, clamp: float | None) -> torch.Tensor:
-    """Reference log-probs moved to within ``clamp`` of the (detached) policy's, so ``|r| <= clamp`` (``kl_clamp``),
-    and never further than ``finite_gradient_bound(logps.dtype)`` (float16: 6.9), so the gradient that comes back in
-    ``logps``' dtype is finite for any finite input, with or without ``clamp``.
+    """Reference log-probs moved to within ``clamp`` of the (detached) policy's, so ``|r| <= clamp`` (``kl_clamp``;
+    None: ``MAX_CLAMP``), and never further than ``finite_gradient_bound(logps.dtype)`` (float16: 6.9), so values and
+    the gradient that comes back in ``logps``' dtype are finite for any finite input.
 
     Bounding the reference rather than clamping ``r`` keeps every value exact where the bound is inactive and
     the gradient through ``log pi`` finite and nonzero where it is active (the estimator's slope at
@@ -219,7 +219,7 @@ def bound_reference(logps: torch.Tensor, ref_logps: torch.Tensor, clamp: float |
     """
     if clamp is not None and not 0 < clamp <= MAX_CLAMP:
         raise ValueError(f"clamp must be in (0, {MAX_CLAMP}] or None, got {clamp}")
-    limit = min(math.inf if clamp is None else clamp, finite_gradient_bound(logps.dtype))
+    limit = min(MAX_CLAMP if clamp is None else clamp, finite_gradient_bound(logps.dtype))
     dtype = torch.promote_types(logps.dtype, torch.float32)  # logps +- clamp would round in half precision
     anchor = logps.detach().to(dtype)
     return torch.clamp(ref_logps.detach().to(dtype), anchor - limit, anchor + limit)
