@@ -107,3 +107,56 @@ def test_jobs_refuse_unknown_needs_and_shared_folders(tmp_path):
         run_jobs([Job("p", "a", 0, needs=("p/b/seed0",))], counting_runner, tmp_path, {"tag": "a"})
     with pytest.raises(ValueError, match="share a folder"):
         run_jobs([Job("p", "a b", 0), Job("p", "a_b", 0)], counting_runner, tmp_path, {"tag": "a"})
+
+
+def test_spearman_by_hand_with_ties_and_its_bootstrap():
+    from examples.demo.stats import bootstrap_spearman, ranks, spearman
+
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1,2,3,4; y (ties averaged): 1.5,1.5,4,3 -> Pearson of the ranks
+    rx, ry = [1, 2, 3, 4], [1.5, 1.5, 4, 3]
+    mx, my = 2.5, 2.5
+    by_hand = sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    assert spearman([1, 2, 3, 4], [0, 0, 5, 2]) == pytest.approx(by_hand)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(400, generator=rng)
+    noisy = (x + torch.randn(400, generator=rng)).tolist()
+    result = bootstrap_spearman([(x.tolist(), noisy), (x.tolist(), x.tolist())], draws=300)
+    assert result["mean"] == pytest.approx((spearman(x.tolist(), noisy) + 1.0) / 2) and result["n"] == 2
+    assert result["low"] < result["mean"] < result["high"] < 1.0 and result["high"] - result["low"] < 0.1
+    with pytest.raises(ValueError, match="equally long"):
+        spearman([1.0], [1.0])
+
+
+def test_best_of_n_estimator_matches_enumerating_every_subset():
+    from itertools import combinations
+
+    from examples.demo.stats import best_of_n_kl, best_of_n_means
+
+    proxy, gold = [0.3, -1.0, 2.0, 0.7, 1.1], [1.0, 0.0, -2.0, 0.5, 3.0]
+    means = best_of_n_means(proxy, gold, [1, 2, 3, 5])
+    for n, p, g in zip([1, 2, 3, 5], means["proxy"], means["gold"]):
+        subsets = list(combinations(range(5), n))
+        best = [max(s, key=lambda i: proxy[i]) for s in subsets]
+        assert p == pytest.approx(sum(proxy[i] for i in best) / len(best))
+        assert g == pytest.approx(sum(gold[i] for i in best) / len(best))
+    assert means["gold"][0] == pytest.approx(sum(gold) / 5) and means["gold"][-1] == -2.0  # n = N: the proxy's top sample
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    with pytest.raises(ValueError, match="1 <= n"):
+        best_of_n_means(proxy, gold, [6])
+
+
+def test_gao_bon_fit_recovers_the_curve_and_its_peak():
+    from examples.demo.bestofn import bon_sizes
+    from examples.demo.stats import gao_bon_fit
+
+    alpha, beta = 0.6, 0.4
+    d = [0.0, 0.3, 0.8, 1.2, 1.7, 2.1]
+    fit = gao_bon_fit(d, [x * (alpha - beta * x) for x in d])
+    assert (fit["alpha"], fit["beta"], fit["r2"]) == pytest.approx((alpha, beta, 1.0))
+    assert fit["d_star"] == pytest.approx(0.75) and fit["gain_star"] == pytest.approx(0.75 * (alpha - beta * 0.75))
+    assert math.isnan(gao_bon_fit([1.0, 2.0], [-1.0, -2.0])["d_star"])  # falls from the start: no peak
+    assert bon_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256] and bon_sizes(6) == [1, 2, 4]
