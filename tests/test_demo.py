@@ -122,6 +122,9 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     flipped = [[e["eval_rewards/accuracies"] for e in r["log_history"] if "eval_flipped_loss" in e][-1] for r in rpo]
     assert results["reward_aware"]["RPO (bwd KL)"]["flipped_accuracy_end"] == pytest.approx(mean_interval(flipped))
     assert rpo[0]["settings"]["reward_aware_loss"] == "rpo_bwd_kl" and any("reward_aware/loss" in e for e in rpo[0]["log_history"])
+    from tests.test_demo_study import check_study_sections
+
+    check_study_sections(tmp_path, results, text)  # start-policy Spearman, best-of-n, examples
 
     # A second run reuses every saved run (same settings, same code) and writes the same numbers.
     started = json.loads((tmp_path / "study" / "GRPO_no_KL" / "seed0" / "run.json").read_text())["key"]

@@ -160,3 +160,42 @@ def test_gao_bon_fit_recovers_the_curve_and_its_peak():
     assert fit["d_star"] == pytest.approx(0.75) and fit["gain_star"] == pytest.approx(0.75 * (alpha - beta * 0.75))
     assert math.isnan(gao_bon_fit([1.0, 2.0], [-1.0, -2.0])["d_star"])  # falls from the start: no peak
     assert bon_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256] and bon_sizes(6) == [1, 2, 4]
+
+
+def check_study_sections(out, results: dict, text: str) -> None:
+    """The quick demo's start-policy Spearman, best-of-n and examples sections, recomputed from the saved runs
+    (called by ``test_demo.test_quick_demo_report_numbers_come_from_the_run`` on its output)."""
+    from examples.demo.stats import best_of_n_kl, best_of_n_means, fmt, gao_bon_fit, mean_interval, spearman
+
+    seeds = results["seeds"]
+    bon = [json.loads((out / "study" / "best-of-n" / f"seed{s}" / "run.json").read_text()) for s in seeds]
+    assert (out / "best_of_n.png").stat().st_size > 1000
+    per, prompts = bon[0]["samples_per_prompt"], len(bon[0]["prompts"])
+    assert all(len(r["proxy"]) == len(r["gold"]) == len(r["completions"]) == per * prompts for r in bon)
+    start = results["proxy_quality"]["start_policy"]
+    assert start["mean"] == pytest.approx(sum(spearman(r["proxy"], r["gold"]) for r in bon) / len(bon))
+    assert start["low"] <= start["mean"] <= start["high"] and fmt(start) in text
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= per]
+    assert results["best_of_n"]["n"] == ns and results["best_of_n"]["kl"] == pytest.approx([best_of_n_kl(n) for n in ns])
+    gains = []
+    for r in bon:  # mean over prompts of the proxy's best-of-n gold, minus n = 1
+        gold = [sum(best_of_n_means(r["proxy"][p * per:(p + 1) * per], r["gold"][p * per:(p + 1) * per], ns)["gold"][i] for p in range(prompts)) / prompts
+                for i in range(len(ns))]
+        assert gold[0] == pytest.approx(sum(r["gold"]) / len(r["gold"]))
+        gains.append([g - gold[0] for g in gold])
+    for i, interval in enumerate(results["best_of_n"]["gold_gain"]):
+        assert interval == pytest.approx(mean_interval([g[i] for g in gains]))
+    assert f"| {ns[-1]} | {best_of_n_kl(ns[-1]):.3f} | {math.sqrt(best_of_n_kl(ns[-1])):.3f} |" in text and fmt(results["best_of_n"]["gold_gain"][-1]) in text
+    pooled = gao_bon_fit([math.sqrt(best_of_n_kl(n)) for _ in gains for n in ns], [x for g in gains for x in g])
+    assert results["best_of_n"]["fit_pooled"]["alpha"] == pytest.approx(pooled["alpha"]) and f"d({pooled['alpha']:.3f} - {pooled['beta']:.3f} d)" in text
+    # The probes' per-sample scores are the logged means, and the examples table quotes them.
+    plain = [json.loads((out / "study" / "GRPO_no_KL" / f"seed{s}" / "run.json").read_text()) for s in seeds]
+    for record in plain:
+        assert [e["step"] for e in record["probe_samples"]] == [h["step"] for h in record["drift"]]
+        assert [sum(e["gold"]) / len(e["gold"]) for e in record["probe_samples"]] == pytest.approx([h["probe/gold"] for h in record["drift"]])
+        assert [sum(e["proxy"]) / len(e["proxy"]) for e in record["probe_samples"]] == pytest.approx([h["probe/proxy"] for h in record["drift"]])
+    last = [spearman(r["probe_samples"][-1]["proxy"], r["probe_samples"][-1]["gold"]) for r in plain]
+    assert results["proxy_quality"]["runs"]["GRPO"]["last_probe"]["mean"] == pytest.approx(sum(last) / len(last))
+    first_row = results["examples"]["GRPO"][0]
+    assert first_row["stage"] == "start" and first_row["completion"] == plain[0]["probe_samples"][0]["completions"][0]
+    assert first_row["gold"] == plain[0]["probe_samples"][0]["gold"][0] and f"| {first_row['proxy']:.3f} | {first_row['gold']:.3f} |" in text
