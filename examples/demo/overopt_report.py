@@ -140,6 +140,22 @@ def _cell(text: str) -> str:
     return "`" + text.replace("|", "/").replace("`", "'").replace("\n", " ") + "`"
 
 
+def bon_reading(bon: dict) -> str:
+    """One sentence on the best-of-n curve's shape, from the mean gold gains it quotes."""
+    gains = [g["mean"] for g in bon["gold_gain"]]
+    peak = max(range(len(gains)), key=lambda i: gains[i])
+    if peak == 0:
+        shape = f"the proxy's best of n never beat the start policy's gold (gain at n = {bon['n'][-1]}: {fmt(bon['gold_gain'][-1])})"
+    elif peak == len(gains) - 1:
+        shape = f"the gold gain still rose at the largest n ({fmt(bon['gold_gain'][-1])} at n = {bon['n'][-1]}): no over-optimization in range"
+    else:
+        shape = (f"the mean gold gain rose to {fmt(bon['gold_gain'][peak])} at n = {bon['n'][peak]} and fell to "
+                 f"{fmt(bon['gold_gain'][-1])} at n = {bon['n'][-1]} while the proxy gain kept rising to {fmt(bon['proxy_gain'][-1])}: "
+                 + ("the proxy helps before it hurts" if bon["gold_gain"][peak]["low"] > 0 and bon["gold_gain"][-1]["mean"] < gains[peak]
+                    else "the shape of a proxy that helps before it hurts, though the peak's interval over seeds includes 0"))
+    return f"**Reading**: {shape}."
+
+
 def study_sections(quality: dict, bon: dict, examples: dict) -> list[str]:
     """Markdown lines of the three sections, every number read from the summaries."""
     start = quality["start_policy"]
@@ -170,6 +186,8 @@ def study_sections(quality: dict, bon: dict, examples: dict) -> list[str]:
         f"R* {fmt(bon['fit']['gain_star'])}; to the pooled seeds: d({bon['fit_pooled']['alpha']:.3f} - {bon['fit_pooled']['beta']:.3f} d), "
         + (f"peak d* = {bon['fit_pooled']['d_star']:.3f} (KL {bon['fit_pooled']['d_star'] ** 2:.3f} nats) with R* = {bon['fit_pooled']['gain_star']:.3f}."
            if math.isfinite(bon["fit_pooled"]["d_star"]) else "no peak (the fitted curve does not rise, then turn down)."),
+        "",
+        bon_reading(bon),
         "",
         "![best-of-n](best_of_n.png)",
         "",
