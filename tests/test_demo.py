@@ -141,6 +141,9 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     assert f"R^2 = {forget['drift_fit']['r2']:.3f}" in text
     filtered = run("f_forget/SFT_on_filtered_base_samples")
     assert forget["methods"]["SFT on filtered base samples"]["filtered_examples"] == [len(r["filtered_data"]) for r in filtered]
+    from tests.test_demo_study import check_study_sections
+
+    check_study_sections(tmp_path, results, text)  # start-policy Spearman, best-of-n, examples
 
     # A second run reuses every saved run (same settings, same code) and writes the same numbers.
     started = json.loads((tmp_path / "study" / "GRPO_no_KL" / "seed0" / "run.json").read_text())["key"]

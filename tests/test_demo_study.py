@@ -107,3 +107,95 @@ def test_jobs_refuse_unknown_needs_and_shared_folders(tmp_path):
         run_jobs([Job("p", "a", 0, needs=("p/b/seed0",))], counting_runner, tmp_path, {"tag": "a"})
     with pytest.raises(ValueError, match="share a folder"):
         run_jobs([Job("p", "a b", 0), Job("p", "a_b", 0)], counting_runner, tmp_path, {"tag": "a"})
+
+
+def test_spearman_by_hand_with_ties_and_its_bootstrap():
+    from examples.demo.stats import bootstrap_spearman, ranks, spearman
+
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1,2,3,4; y (ties averaged): 1.5,1.5,4,3 -> Pearson of the ranks
+    rx, ry = [1, 2, 3, 4], [1.5, 1.5, 4, 3]
+    mx, my = 2.5, 2.5
+    by_hand = sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    assert spearman([1, 2, 3, 4], [0, 0, 5, 2]) == pytest.approx(by_hand)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(400, generator=rng)
+    noisy = (x + torch.randn(400, generator=rng)).tolist()
+    result = bootstrap_spearman([(x.tolist(), noisy), (x.tolist(), x.tolist())], draws=300)
+    assert result["mean"] == pytest.approx((spearman(x.tolist(), noisy) + 1.0) / 2) and result["n"] == 2
+    assert result["low"] < result["mean"] < result["high"] < 1.0 and result["high"] - result["low"] < 0.1
+    with pytest.raises(ValueError, match="equally long"):
+        spearman([1.0], [1.0])
+
+
+def test_best_of_n_estimator_matches_enumerating_every_subset():
+    from itertools import combinations
+
+    from examples.demo.stats import best_of_n_kl, best_of_n_means
+
+    proxy, gold = [0.3, -1.0, 2.0, 0.7, 1.1], [1.0, 0.0, -2.0, 0.5, 3.0]
+    means = best_of_n_means(proxy, gold, [1, 2, 3, 5])
+    for n, p, g in zip([1, 2, 3, 5], means["proxy"], means["gold"]):
+        subsets = list(combinations(range(5), n))
+        best = [max(s, key=lambda i: proxy[i]) for s in subsets]
+        assert p == pytest.approx(sum(proxy[i] for i in best) / len(best))
+        assert g == pytest.approx(sum(gold[i] for i in best) / len(best))
+    assert means["gold"][0] == pytest.approx(sum(gold) / 5) and means["gold"][-1] == -2.0  # n = N: the proxy's top sample
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    with pytest.raises(ValueError, match="1 <= n"):
+        best_of_n_means(proxy, gold, [6])
+
+
+def test_gao_bon_fit_recovers_the_curve_and_its_peak():
+    from examples.demo.bestofn import bon_sizes
+    from examples.demo.stats import gao_bon_fit
+
+    alpha, beta = 0.6, 0.4
+    d = [0.0, 0.3, 0.8, 1.2, 1.7, 2.1]
+    fit = gao_bon_fit(d, [x * (alpha - beta * x) for x in d])
+    assert (fit["alpha"], fit["beta"], fit["r2"]) == pytest.approx((alpha, beta, 1.0))
+    assert fit["d_star"] == pytest.approx(0.75) and fit["gain_star"] == pytest.approx(0.75 * (alpha - beta * 0.75))
+    assert math.isnan(gao_bon_fit([1.0, 2.0], [-1.0, -2.0])["d_star"])  # falls from the start: no peak
+    assert bon_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256] and bon_sizes(6) == [1, 2, 4]
+
+
+def check_study_sections(out, results: dict, text: str) -> None:
+    """The quick demo's start-policy Spearman, best-of-n and examples sections, recomputed from the saved runs
+    (called by ``test_demo.test_quick_demo_report_numbers_come_from_the_run`` on its output)."""
+    from examples.demo.stats import best_of_n_kl, best_of_n_means, fmt, gao_bon_fit, mean_interval, spearman
+
+    seeds = results["seeds"]
+    bon = [json.loads((out / "study" / "best-of-n" / f"seed{s}" / "run.json").read_text()) for s in seeds]
+    assert (out / "best_of_n.png").stat().st_size > 1000
+    per, prompts = bon[0]["samples_per_prompt"], len(bon[0]["prompts"])
+    assert all(len(r["proxy"]) == len(r["gold"]) == len(r["completions"]) == per * prompts for r in bon)
+    start = results["proxy_quality"]["start_policy"]
+    assert start["mean"] == pytest.approx(sum(spearman(r["proxy"], r["gold"]) for r in bon) / len(bon))
+    assert start["low"] <= start["mean"] <= start["high"] and fmt(start) in text
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= per]
+    assert results["best_of_n"]["n"] == ns and results["best_of_n"]["kl"] == pytest.approx([best_of_n_kl(n) for n in ns])
+    gains = []
+    for r in bon:  # mean over prompts of the proxy's best-of-n gold, minus n = 1
+        gold = [sum(best_of_n_means(r["proxy"][p * per:(p + 1) * per], r["gold"][p * per:(p + 1) * per], ns)["gold"][i] for p in range(prompts)) / prompts
+                for i in range(len(ns))]
+        assert gold[0] == pytest.approx(sum(r["gold"]) / len(r["gold"]))
+        gains.append([g - gold[0] for g in gold])
+    for i, interval in enumerate(results["best_of_n"]["gold_gain"]):
+        assert interval == pytest.approx(mean_interval([g[i] for g in gains]))
+    assert f"| {ns[-1]} | {best_of_n_kl(ns[-1]):.3f} | {math.sqrt(best_of_n_kl(ns[-1])):.3f} |" in text and fmt(results["best_of_n"]["gold_gain"][-1]) in text
+    pooled = gao_bon_fit([math.sqrt(best_of_n_kl(n)) for _ in gains for n in ns], [x for g in gains for x in g])
+    assert results["best_of_n"]["fit_pooled"]["alpha"] == pytest.approx(pooled["alpha"]) and f"d({pooled['alpha']:.3f} - {pooled['beta']:.3f} d)" in text
+    # The probes' per-sample scores are the logged means, and the examples table quotes them.
+    plain = [json.loads((out / "study" / "GRPO_no_KL" / f"seed{s}" / "run.json").read_text()) for s in seeds]
+    for record in plain:
+        assert [e["step"] for e in record["probe_samples"]] == [h["step"] for h in record["drift"]]
+        assert [sum(e["gold"]) / len(e["gold"]) for e in record["probe_samples"]] == pytest.approx([h["probe/gold"] for h in record["drift"]])
+        assert [sum(e["proxy"]) / len(e["proxy"]) for e in record["probe_samples"]] == pytest.approx([h["probe/proxy"] for h in record["drift"]])
+    last = [spearman(r["probe_samples"][-1]["proxy"], r["probe_samples"][-1]["gold"]) for r in plain]
+    assert results["proxy_quality"]["runs"]["GRPO"]["last_probe"]["mean"] == pytest.approx(sum(last) / len(last))
+    first_row = results["examples"]["GRPO"][0]
+    assert first_row["stage"] == "start" and first_row["completion"] == plain[0]["probe_samples"][0]["completions"][0]
+    assert first_row["gold"] == plain[0]["probe_samples"][0]["gold"][0] and f"| {first_row['proxy']:.3f} | {first_row['gold']:.3f} |" in text

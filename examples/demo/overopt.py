@@ -134,16 +134,20 @@ class ProxyReward:
 
 class StudyProbe(DemoProbe):
     """The drift probe plus the mean proxy (``probe/proxy``) and gold (``probe/gold``) rewards of its samples,
-    and the gold reward's parts (``probe/true_claims``, ``probe/false_claims``, ``probe/fluency``)."""
+    and the gold reward's parts (``probe/true_claims``, ``probe/false_claims``, ``probe/fluency``). ``scored``
+    keeps every probe's completions with their proxy and gold scores, one entry per ``history`` entry."""
 
     def __init__(self, *args, proxy: ProxyReward, gold: GoldReward, **kwargs):
         super().__init__(*args, **kwargs)
         self.proxy, self.gold = proxy, gold
+        self.scored: list[dict[str, list]] = []
 
     def measure(self, model) -> dict[str, float]:
         values = super().measure(model)
         parts = self.gold.components(self.prompts, self.completions)
-        values[PROXY_KEY] = fmean(self.proxy(self.prompts, self.completions))
+        proxy = self.proxy(self.prompts, self.completions)
+        self.scored.append({"completions": list(self.completions), "proxy": proxy, "gold": parts["gold"]})
+        values[PROXY_KEY] = fmean(proxy)
         values[GOLD_KEY] = fmean(parts["gold"])
         values.update({"probe/true_claims": fmean(parts["true"]), "probe/false_claims": fmean(parts["false"]), "probe/fluency": fmean(parts["fluency"])})
         return values
@@ -209,7 +213,8 @@ def run_policy(start: str, judge: str, proxy_dir: Path, out: Path, size: DemoSiz
         trainer = trainer_class(model=start, reward_funcs=proxy, args=config, train_dataset=prompts, callbacks=[probe], pretrain_dataset=pretrain)
     quiet_trainer(trainer, f"{trainer_name} {name} seed {seed}")
     trainer.train()
-    return {"trainer": trainer_name, "settings": options, "log_history": trainer.state.log_history, "drift": probe.history, "samples": probe.completions}
+    return {"trainer": trainer_name, "settings": options, "log_history": trainer.state.log_history, "drift": probe.history, "samples": probe.completions,
+            "probe_prompts": probe.prompts, "probe_samples": [{"step": h["step"], **scored} for h, scored in zip(probe.history, probe.scored)]}
 
 
 def ppo_options(size: DemoSize) -> dict:

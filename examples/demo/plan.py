@@ -8,6 +8,7 @@ from examples.demo.jobs import Job
 
 PROXY = "proxy reward model"
 MARGIN_RUNS = "RM and RM+margin"
+BEST_OF_N = "best-of-n"
 
 
 def demo_jobs(seeds: int) -> list[Job]:
@@ -20,6 +21,7 @@ def demo_jobs(seeds: int) -> list[Job]:
     for seed in range(seeds):
         proxy = Job("study", PROXY, seed)
         jobs.append(proxy)
+        jobs.append(Job("study", BEST_OF_N, seed, needs=(proxy.folder,)))
         jobs += [Job("study", f"{trainer} {name}", seed, {"trainer": trainer, "variant": name}, needs=(proxy.folder,))
                  for trainer, variants in STUDY_VARIANTS.items() for name in variants]
         jobs += [Job("a_dpo", name, seed) for name in DPO_VARIANTS]
@@ -32,13 +34,15 @@ def demo_jobs(seeds: int) -> list[Job]:
 
 def run_job(job: Job, folder: Path, context: dict) -> dict:
     """Train ``job`` into ``folder``; ``context`` holds the model paths and the ``DemoSize`` fields."""
-    from examples.demo import forget, margins, overopt, runs
+    from examples.demo import bestofn, forget, margins, overopt, runs
 
     size, base = runs.DemoSize(**context["size"]), context["base"]
     if job.panel == "study":
         if job.name == PROXY:
             return overopt.train_proxy(context["rated_sources"], base, folder, size, job.seed)
         proxy_dir = folder.parents[2] / Job("study", PROXY, job.seed).folder / "model"
+        if job.name == BEST_OF_N:
+            return bestofn.run_best_of_n(context["start"], base, proxy_dir, size, job.seed)
         return overopt.run_policy(context["start"], base, proxy_dir, folder, size, job.seed, job.options["trainer"], job.options["variant"])
     if job.panel == "d_reward":
         return {"runs": margins.run_margins(base, folder, size, job.seed)}

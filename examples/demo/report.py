@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from examples.demo import overopt_report
 from examples.demo.forget_report import forget_section, plot_forget, summarize_forget
 from examples.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE, STUDY_VARIANTS
 from examples.demo.margins import FLIP_RATES, MARGIN_SCALE
@@ -333,6 +334,9 @@ def summarize(records: dict[str, dict], base: str) -> dict:
         "seeds": seeds,
         "base_model": base_info,
         "study": summarize_study(records),
+        "proxy_quality": overopt_report.summarize_proxy_quality(records),
+        "best_of_n": overopt_report.summarize_best_of_n(records),
+        "examples": overopt_report.summarize_examples(records),
         "dpo": summarize_dpo(records),
         "grpo": summarize_grpo(records),
         "drift_vs_forgetting": summarize_forgetting(records),
@@ -391,6 +395,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, se
     """Write the figures, ``results.json`` and ``report.md`` into ``out``; return the report path and the summary."""
     summary = summarize(records, base)
     plot_study(records, summary["study"], out / "overoptimization.png")
+    overopt_report.plot_best_of_n(summary["best_of_n"], out / "best_of_n.png")
     plot_panels(records, summary, out)
     plot_forget(records, summary["forget"], out / "f_forget.png")
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -421,6 +426,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, se
         "### Reading",
         *reading(study),
         "",
+        *overopt_report.study_sections(summary["proxy_quality"], summary["best_of_n"], summary["examples"]),
         "### Numbers per regularizer",
         "Gains are relative to the run's step-0 probe. Fit: R(d) = d (alpha - beta log d) to each seed's gold gains "
         "(Gao et al.'s RL form); its peak d* = exp(alpha/beta - 1) and gain R* = beta d* exist only where beta > 0 "

@@ -45,13 +45,15 @@ class DemoSize:
     forget_grpo_steps: int
     forget_probe_every: int
     seeds: int
+    bon_samples: int = 256
+    """Start-policy samples per task prompt of the best-of-n study (``bestofn.py``): n runs up to this."""
 
     @classmethod
     def named(cls, quick: bool) -> DemoSize:
         if quick:
             return cls(dpo_steps=4, grpo_steps=4, reward_steps=4, probe_every=2, probe_prompts=8, heldout_texts=16,
                        rated_pairs=32, heldout_pairs=32, proxy_steps=2, study_steps=4, study_probe_every=2,
-                       forget_sft_steps=4, forget_grpo_steps=4, forget_probe_every=2, seeds=2)
+                       forget_sft_steps=4, forget_grpo_steps=4, forget_probe_every=2, seeds=2, bon_samples=8)
         return cls(dpo_steps=40, grpo_steps=50, reward_steps=48, probe_every=10, probe_prompts=16, heldout_texts=64,
                    rated_pairs=512, heldout_pairs=256, proxy_steps=64, study_steps=24, study_probe_every=4,
                    forget_sft_steps=30, forget_grpo_steps=40, forget_probe_every=5, seeds=3)
