@@ -37,23 +37,27 @@ def gao_rl_fit(d: list[float], gain: list[float]) -> dict[str, float]:
     (where dR/dd = 0; NaN unless beta > 0, i.e. the fitted curve turns down), and the fit's ``r2`` (uncentered:
     the form has no intercept).
     """
+    alpha, beta, r2 = _fit_d_alpha_beta(d, gain, lambda x: x * math.log(x), "gao_rl_fit")
+    d_star = math.exp(min(alpha / beta - 1, 50.0)) if beta > 0 else float("nan")
+    return {"alpha": alpha, "beta": beta, "d_star": d_star, "gain_star": beta * d_star if beta > 0 else float("nan"), "r2": r2}
+
+
+def _fit_d_alpha_beta(d: list[float], gain: list[float], curvature, name: str) -> tuple[float, float, float]:
+    """Least squares of ``gain = alpha d - beta curvature(d)`` over the points with d > 0 (no intercept): ``alpha``,
+    ``beta`` and the uncentered ``r2``."""
     points = [(x, y) for x, y in zip(d, gain) if x > 0]
     if len(points) < 2:
-        raise ValueError(f"gao_rl_fit needs at least two points with d > 0, got {len(points)}.")
-    f1 = [x for x, _ in points]
-    f2 = [-x * math.log(x) for x, _ in points]
-    y = [v for _, v in points]
+        raise ValueError(f"{name} needs at least two points with d > 0, got {len(points)}.")
+    f1, f2, y = [x for x, _ in points], [-curvature(x) for x, _ in points], [v for _, v in points]
     a11, a12, a22 = sum(u * u for u in f1), sum(u * v for u, v in zip(f1, f2)), sum(v * v for v in f2)
     b1, b2 = sum(u * t for u, t in zip(f1, y)), sum(v * t for v, t in zip(f2, y))
     det = a11 * a22 - a12 * a12
     if abs(det) < 1e-12 * max(a11 * a22, 1e-300):
-        raise ValueError("gao_rl_fit: the points do not determine both coefficients (all d equal?).")
+        raise ValueError(f"{name}: the points do not determine both coefficients (all d equal?).")
     alpha, beta = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
     residual = sum((t - alpha * u - beta * v) ** 2 for u, v, t in zip(f1, f2, y))
     total = sum(t * t for t in y)
-    d_star = math.exp(min(alpha / beta - 1, 50.0)) if beta > 0 else float("nan")
-    return {"alpha": alpha, "beta": beta, "d_star": d_star, "gain_star": beta * d_star if beta > 0 else float("nan"),
-            "r2": 1 - residual / total if total > 0 else float("nan")}
+    return alpha, beta, 1 - residual / total if total > 0 else float("nan")
 
 
 def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
@@ -181,18 +185,7 @@ def gao_bon_fit(d: list[float], gain: list[float]) -> dict[str, float]:
     ``R`` the gold gain over n = 1), over points with d > 0. Returns ``alpha``, ``beta``, the peak
     ``d_star = alpha / (2 beta)`` and ``gain_star = alpha^2 / (4 beta)`` (NaN unless beta > 0 and alpha > 0: a curve
     that rises, then turns down), and the uncentered ``r2``."""
-    points = [(x, y) for x, y in zip(d, gain) if x > 0]
-    if len(points) < 2:
-        raise ValueError(f"gao_bon_fit needs at least two points with d > 0, got {len(points)}.")
-    f1, f2, y = [x for x, _ in points], [-x * x for x, _ in points], [v for _, v in points]
-    a11, a12, a22 = sum(u * u for u in f1), sum(u * v for u, v in zip(f1, f2)), sum(v * v for v in f2)
-    b1, b2 = sum(u * t for u, t in zip(f1, y)), sum(v * t for v, t in zip(f2, y))
-    det = a11 * a22 - a12 * a12
-    if abs(det) < 1e-12 * max(a11 * a22, 1e-300):
-        raise ValueError("gao_bon_fit: the points do not determine both coefficients (all d equal?).")
-    alpha, beta = (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
-    residual = sum((t - alpha * u - beta * v) ** 2 for u, v, t in zip(f1, f2, y))
-    total = sum(t * t for t in y)
+    alpha, beta, r2 = _fit_d_alpha_beta(d, gain, lambda x: x * x, "gao_bon_fit")
     peaked = beta > 0 and alpha > 0
     return {"alpha": alpha, "beta": beta, "d_star": alpha / (2 * beta) if peaked else float("nan"),
-            "gain_star": alpha * alpha / (4 * beta) if peaked else float("nan"), "r2": 1 - residual / total if total > 0 else float("nan")}
+            "gain_star": alpha * alpha / (4 * beta) if peaked else float("nan"), "r2": r2}
