@@ -283,11 +283,14 @@ def test_one_optimizer_step_per_mini_batch(tmp_path, tiny_lm_path, tiny_rm_path)
 
 def _standalone_trainer_cls():
     """The package's own PPO implementation (what RegularizedPPOTrainer is on TRL >= 1.13), on any TRL."""
+    from trl_regularizers.components.kl import KLPenalty
     from trl_regularizers.trainers.ppo.loop import RegularizedPPOLoop
     from trl_regularizers.trainers.ppo.standalone import StandalonePPOAdapter
 
     class StandaloneRegularizedPPOTrainer(RegularizedPPOLoop, StandalonePPOAdapter):
-        pass
+        def __init__(self, *args, **kwargs):  # RegularizedPPOTrainer's construction, without ptx (no scenario uses it)
+            super().__init__(*args, **kwargs)
+            self.attach(kl=KLPenalty.from_config(self.args, self.args.kl_coef, RegularizedPPOTrainer.TRL_KL, self, type(self).__name__))
 
     return StandaloneRegularizedPPOTrainer
 
