@@ -2,7 +2,7 @@
 # Run the tests on every TRL release the package supports: each final release the registry serves that pyproject.toml's
 # requirement (trl>=1.12,!=1.15.0, no upper bound) allows (scripts/trl_releases.py):
 #   latest   .venv, the newest release: the whole suite
-#   trl112   .venv-trl112, TRL 1.12 (the [ppo] extra): the whole suite
+#   trl112   .venv-trl112, TRL 1.12 (the [ppo] extra): the whole suite but core/, the end-to-end demo and the notebooks
 #   <X.Y.Z>  each release between, in .venv with that TRL wheel first on PYTHONPATH: the newest patch of each minor
 #            the trainer, ptx, config and TRL-contract tests (core/ is pure torch: tested once, on the latest); an
 #            older patch the TRL contract, the drop-in tests and every parity test against stock TRL ("stock")
@@ -40,8 +40,11 @@ for env in ${TRL_ENVS:-latest trl112 ${between[*]} deps}; do
     latest | trl112)
       venv=.venv; [ "$env" = trl112 ] && venv=.venv-trl112
       echo "== tests in $venv ($("$venv/bin/python" -c 'import trl; print("TRL", trl.__version__)'))"
-      # core/ is pure torch (tests/core/test_isolation.py): once is enough
-      if [ $# -gt 0 ]; then args=("$@"); elif [ "$env" = trl112 ]; then args=(--ignore=tests/core); else args=(); fi
+      # core/ is pure torch (tests/core/test_isolation.py), and the demo and the notebooks are run on the newest TRL:
+      # once is enough
+      if [ $# -gt 0 ]; then args=("$@")
+      elif [ "$env" = trl112 ]; then args=(--ignore=tests/core --ignore=tests/test_demo.py --ignore=tests/test_notebooks.py)
+      else args=(); fi
       "$venv/bin/python" -m pytest "${args[@]}" || failed+=("$venv") ;;
     deps)
       # The wheel as built now (the library only: scripts/build_wheel.sh checks its files), installed as a user would.
