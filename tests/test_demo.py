@@ -151,6 +151,57 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["study"] == results["study"]
     assert json.loads((tmp_path / "study" / "GRPO_no_KL" / "seed0" / "run.json").read_text())["key"] == started
 
+    # The default size trains only some study and (b) runs: its report is written from those alone.
+    from examples.demo.plan import SELECTION, demo_jobs
+    from examples.demo.pretrain import base_model_path
+    from examples.demo.report import write_report
+
+    default = tmp_path / "default"
+    default.mkdir()
+    records = {job.folder: json.loads((tmp_path / job.folder / "run.json").read_text()) for job in demo_jobs("default", 2)}
+    text = write_report(default, records, base_model_path(), "default", 0.0)[0].read_text()
+    summary = json.loads((default / "results.json").read_text())
+    assert list(summary["study"]["runs"]) == list(SELECTION["default"]["study"]) and list(summary["grpo"]) == list(SELECTION["default"]["b_grpo"])
+    assert summary["study"]["runs"]["GRPO no KL"] == results["study"]["runs"]["GRPO no KL"]
+    assert [r["stage"] for r in summary["examples"]["RLOO"]][::2] == ["start", "gold peak", "end"]
+    assert [r["stage"] for r in summary["examples"]["GRPO"]][-1] == "end, k3 in loss, beta=0.5"
+    assert text.startswith("# trl-regularizers demo report\n\nSize: default, seeds [0, 1].") and "RLOO k3" not in text
+    assert summary["drift_vs_forgetting"]["runs_per_seed"] == 2 + 3 + 4
+
+
+def test_sizes_select_runs_and_seeds_keep_their_cache_keys():
+    from examples.demo.forget import FORGET_VARIANTS
+    from examples.demo.overopt import STUDY_VARIANTS
+    from examples.demo.plan import BEST_OF_N, PROXY, SELECTION, SIZES, demo_jobs
+    from examples.demo.runs import GRPO_VARIANTS, DemoSize
+
+    full = demo_jobs("full", 3)
+    names = {(job.panel, job.name) for job in full}
+    assert {f"{t} {v}" for t, variants in STUDY_VARIANTS.items() for v in variants} | {PROXY, BEST_OF_N} == {n for p, n in names if p == "study"}
+    assert set(GRPO_VARIANTS) == {n for p, n in names if p == "b_grpo"} and set(FORGET_VARIANTS) == {n for p, n in names if p == "f_forget"}
+    assert demo_jobs("quick", 3) == full  # the same runs, at another DemoSize
+    for size, panels in SELECTION.items():
+        assert all((panel, name) in names for panel, selected in panels.items() for name in selected), size
+    default = demo_jobs("default", 3)
+    assert set(default) < set(full) and {job.panel for job in default} == {job.panel for job in full}
+    assert {job.name for job in default if job.panel == "study"} >= {f"{t} no KL" for t in STUDY_VARIANTS}
+    # Each run waits for its seed's proxy, which is listed before it.
+    order = [job.folder for job in default]
+    assert all(order.index(need) < order.index(job.folder) for job in default for need in job.needs)
+    # More seeds add jobs and leave the others' cache keys alone.
+    context = {"size": {"study_steps": 24}, "base": "b"}
+    keys = {job.folder: job.key(context) for job in full}
+    assert {job.folder: job.key(context) for job in demo_jobs("full", 5) if job.seed < 3} == keys
+    # The default size shortens the study and best-of-n of the full one, nothing else.
+    changed = {k for k, v in vars(DemoSize.named("default")).items() if vars(DemoSize.named("full"))[k] != v}
+    assert changed == {"study_steps", "bon_samples"}
+    for bad in (("medium", 3), ("full", 0)):
+        with pytest.raises(ValueError, match="size|seeds"):
+            demo_jobs(*bad)
+    with pytest.raises(ValueError, match="size must be one of"):
+        DemoSize.named("medium")
+    assert SIZES == ("quick", "default", "full")
+
 
 def test_noisy_pairs_swap_labels_and_keep_scores_with_their_texts():
     from examples.demo.runs import noisy_scored_pairs

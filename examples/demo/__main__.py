@@ -10,11 +10,19 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from examples.demo.plan import SEEDS, SIZES
+
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__)
     parser.add_argument("--out", default="reports/demo", help="Report folder (created). Its runs are reused when their settings and code match.")
-    parser.add_argument("--quick", action="store_true", help="CI-sized runs (a few steps each, 2 seeds).")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--size", choices=SIZES, default="default",
+                       help="default: every panel, the study's unregularized runs and GRPO's k3 penalty (under 10 minutes on 2 CPU cores); "
+                       "full: every regularizer of the study (about 20 minutes there); quick: CI-sized runs (a few steps each, 2 seeds).")
+    sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
+    sizes.add_argument("--full", dest="size", action="store_const", const="full", help="Same as --size full.")
+    parser.add_argument("--seeds", type=int, help=f"Seeds per run (default: {', '.join(f'{k} {v}' for k, v in SEEDS.items())}). Adding seeds reuses the runs of the others.")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="Runs trained at once, one process each (default: 2, or 1 on one core).")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -23,7 +31,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--fresh", action="store_true", help="Retrain every run instead of reusing the ones saved in --out.")
     args = parser.parse_args(argv)
-    for name, value in (("workers", args.workers), ("threads", args.threads)):
+    seeds = SEEDS[args.size] if args.seeds is None else args.seeds
+    for name, value in (("workers", args.workers), ("threads", args.threads), ("seeds", seeds)):
         if value < 1:
             parser.error(f"--{name} must be >= 1, got {value}.")
 
@@ -42,14 +51,14 @@ def main(argv: list[str] | None = None) -> Path:
         try:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            size = DemoSize.named(args.quick)
+            size = DemoSize.named(args.size)
             started = time.time()
             checkpoint = {steps: base_model_path(PretrainSettings(steps=steps)) for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}}
             base = base_model_path()
             context = {"size": asdict(size), "base": base, "start": checkpoint[CHECKPOINTS["start"]],
                        "rated_sources": [checkpoint[steps] for steps in CHECKPOINTS["rated"]]}
-            records = run_jobs(demo_jobs(size.seeds), run_job, out, context, workers=args.workers, threads=args.threads, fresh=args.fresh)
-            report, summary = write_report(out, records, base, args.quick, time.time() - started)
+            records = run_jobs(demo_jobs(args.size, seeds), run_job, out, context, workers=args.workers, threads=args.threads, fresh=args.fresh)
+            report, summary = write_report(out, records, base, args.size, time.time() - started)
             print(results_table(summary), flush=True)
             print(f"[demo] report: {report}  ({time.time() - started:.0f} s)", flush=True)
         finally:

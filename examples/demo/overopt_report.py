@@ -12,11 +12,21 @@ from examples.demo.plan import BEST_OF_N
 from examples.demo.stats import best_of_n_kl, best_of_n_means, bootstrap_spearman, fmt, gao_bon_fit, mean_interval
 
 REFERENCE_VARIANT = "no KL"
+"""Each trainer's unregularized run: its pooled gold curve is the frontier the other runs are compared with."""
 EXAMPLE_REGULARIZED = {"GRPO": "k3 in loss, beta=0.5", "RLOO": "k3 in loss, beta=0.5", "PPO": "k1 in reward, kl_coef=0.05"}
-"""The regularized run whose final completions the examples table shows next to the unregularized run's."""
+"""The regularized run whose final completions the examples table shows next to the unregularized run's (where the
+size trains it)."""
 EXAMPLE_PROMPTS = 2
 """Probe prompts (the first ones) shown per stage in the examples table."""
 EXAMPLE_SEED = 0
+
+
+def study_variants(records: dict[str, dict]) -> dict[str, list[str]]:
+    """Trainer -> the ``STUDY_VARIANTS`` runs (in that order) that ``records`` holds, for the trainers whose
+    unregularized run it holds (a size may train only some of them)."""
+    names = {r["name"] for r in records.values() if r["panel"] == "study"}
+    return {trainer: [v for v in variants if f"{trainer} {v}" in names] for trainer, variants in STUDY_VARIANTS.items()
+            if f"{trainer} {REFERENCE_VARIANT}" in names}
 
 
 def _study(records: dict[str, dict], name: str) -> list[dict]:
@@ -56,7 +66,7 @@ def summarize_proxy_quality(records: dict[str, dict]) -> dict:
     bon = _study(records, BEST_OF_N)
     result = {"start_policy": {**bootstrap_spearman([(r["proxy"], r["gold"]) for r in bon]), "samples_per_seed": len(bon[0]["proxy"])},
               "runs": {}}
-    for trainer in STUDY_VARIANTS:
+    for trainer in study_variants(records):
         runs = _study(records, f"{trainer} {REFERENCE_VARIANT}")
         result["runs"][trainer] = {
             stage: {**bootstrap_spearman([(r["probe_samples"][i]["proxy"], r["probe_samples"][i]["gold"]) for r in runs]),
@@ -93,13 +103,14 @@ def summarize_best_of_n(records: dict[str, dict]) -> dict:
 def summarize_examples(records: dict[str, dict]) -> dict:
     """Per trainer (seed ``EXAMPLE_SEED``): the first ``EXAMPLE_PROMPTS`` probe prompts' completions with their
     proxy and gold scores at the unregularized run's first probe, its best-gold probe and its last probe, and at
-    the last probe of ``EXAMPLE_REGULARIZED``'s run."""
+    the last probe of ``EXAMPLE_REGULARIZED``'s run where it was trained."""
     result = {}
-    for trainer, regularized in EXAMPLE_REGULARIZED.items():
+    for trainer, variants in study_variants(records).items():
         plain = _study(records, f"{trainer} {REFERENCE_VARIANT}")[EXAMPLE_SEED]
-        other = _study(records, f"{trainer} {regularized}")[EXAMPLE_SEED]
         peak = max(range(len(plain["drift"])), key=lambda i: plain["drift"][i][GOLD_KEY])
-        stages = [("start", plain, 0), ("gold peak", plain, peak), ("end", plain, -1), (f"end, {regularized}", other, -1)]
+        stages = [("start", plain, 0), ("gold peak", plain, peak), ("end", plain, -1)]
+        if EXAMPLE_REGULARIZED[trainer] in variants:
+            stages.append((f"end, {EXAMPLE_REGULARIZED[trainer]}", _study(records, f"{trainer} {EXAMPLE_REGULARIZED[trainer]}")[EXAMPLE_SEED], -1))
         result[trainer] = [
             {"stage": stage, "step": run["probe_samples"][i]["step"], "prompt": run["probe_prompts"][p],
              "completion": run["probe_samples"][i]["completions"][p], "proxy": run["probe_samples"][i]["proxy"][p],
@@ -193,7 +204,8 @@ def study_sections(quality: dict, bon: dict, examples: dict) -> list[str]:
         "",
         f"### What over-optimization looks like (seed {EXAMPLE_SEED})",
         "The same probe prompts' sampled completions at the unregularized run's first probe, at its best-gold probe "
-        "(mean over the probe's samples) and at its end, next to a regularized run's end; proxy and gold of each completion.",
+        "(mean over the probe's samples) and at its end, next to a regularized run's end where this size trained one; proxy "
+        "and gold of each completion.",
         "",
     ]
     for trainer, rows in examples.items():

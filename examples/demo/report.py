@@ -13,15 +13,14 @@ from pathlib import Path
 
 from examples.demo import overopt_report
 from examples.demo.forget_report import forget_section, plot_forget, summarize_forget
-from examples.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE, STUDY_VARIANTS
+from examples.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE
+from examples.demo.overopt_report import REFERENCE_VARIANT, study_variants
 from examples.demo.margins import FLIP_RATES, MARGIN_SCALE
 from examples.demo.plan import PROXY
 from examples.demo.runs import GRPO_SETTINGS, LABEL_NOISE, SCORE_NOISE, STRENGTH_LABELS, TARGET_CHAR, series
 from examples.demo.stats import fmt, gao_rl_fit, mean_interval
 
 KL_KEY = "drift/kl_reverse_sequence"
-REFERENCE_VARIANT = "no KL"
-"""Each trainer's unregularized run: its pooled gold curve is the frontier the other runs are compared with."""
 
 
 def _plt():
@@ -126,7 +125,7 @@ def summarize_study(records: dict[str, dict]) -> dict:
         "frontier": {},
         "runs": {},
     }
-    for trainer, variants in STUDY_VARIANTS.items():
+    for trainer, variants in study_variants(records).items():
         reference = runs[f"{trainer} {REFERENCE_VARIANT}"]
         points = [(x, g) for r in reference for x, g in zip(study_curve(r)["d"], study_curve(r)["gold_gain"])]
         frontier = {**_safe_fit([x for x, _ in points], [g for _, g in points]), "d_max": max(x for x, _ in points)}
@@ -141,13 +140,12 @@ def summarize_study(records: dict[str, dict]) -> dict:
 
 def plot_study(records: dict[str, dict], summary: dict, path: Path) -> None:
     plt = _plt()
-    runs = by_run(records, "study")
-    trainers = list(STUDY_VARIANTS)
+    runs, trainers = by_run(records, "study"), study_variants(records)
     fig, axes = plt.subplots(len(trainers), 2, figsize=(12, 4.5 * len(trainers)), squeeze=False)
     for row, trainer in enumerate(trainers):
         for col, (key, label) in enumerate((("gold_gain", "gold reward gain"), ("proxy_gain", "proxy reward gain"))):
             ax = axes[row, col]
-            for variant in STUDY_VARIANTS[trainer]:
+            for variant in trainers[trainer]:
                 curves = [study_curve(r) for r in runs[f"{trainer} {variant}"]]
                 probes = min(len(c["d"]) for c in curves)
                 d = [sum(c["d"][i] for c in curves) / len(curves) for i in range(probes)]
@@ -351,7 +349,7 @@ def reading(study: dict) -> list[str]:
     """The plain-language reading of the study, each sentence built from the numbers it states."""
     runs = study["runs"]
     lines = []
-    for trainer in STUDY_VARIANTS:
+    for trainer in study["frontier"]:
         ref = runs[f"{trainer} {REFERENCE_VARIANT}"]
         direction = "rose" if ref["gold_gain_end"]["low"] > 0 else "fell" if ref["gold_gain_end"]["high"] < 0 else "did not change detectably"
         frontier = study["frontier"][trainer]
@@ -363,11 +361,10 @@ def reading(study: dict) -> list[str]:
             f"{fmt(ref['best_gold_gain'])} at d = {fmt(ref['d_at_best'])}. Gao et al.'s form fitted to its pooled seeds, "
             f"d({frontier['alpha']:.3f} - {frontier['beta']:.3f} log d), {shape}."
         )
-        for variant in STUDY_VARIANTS[trainer]:
-            if variant == REFERENCE_VARIANT:
+        for run in runs.values():
+            if run["trainer"] != trainer or run["variant"] == REFERENCE_VARIANT:
                 continue
-            run = runs[f"{trainer} {variant}"]
-            gap = run["gap_to_frontier"]
+            variant, gap = run["variant"], run["gap_to_frontier"]
             position = ("above" if gap["low"] > 0 else "below" if gap["high"] < 0 else "on (within the interval)") if gap["n"] else "not comparable with"
             lines.append(
                 f"  - {variant}: ended at d = {fmt(run['d_end'])} (vs {ref['d_end']['mean']:.3f} without), proxy gain "
@@ -381,9 +378,9 @@ def reading(study: dict) -> list[str]:
         f"frontier, {below} below it and {len(gaps) - above - below} on it within their 95% interval: where they are on "
         "it, the penalty bought its gold by stopping earlier on the same curve (Gao et al.'s finding), not by a better curve."
     )
-    for trainer in STUDY_VARIANTS:
-        k1 = [f"{trainer} {v}" for v in STUDY_VARIANTS[trainer] if v.startswith("k1 in reward")]
-        k3 = [f"{trainer} {v}" for v in STUDY_VARIANTS[trainer] if v.startswith("k3 in loss")]
+    for trainer in study["frontier"]:
+        k1 = [name for name, r in runs.items() if r["trainer"] == trainer and r["variant"].startswith("k1 in reward")]
+        k3 = [name for name, r in runs.items() if r["trainer"] == trainer and r["variant"].startswith("k3 in loss")]
         if k1 and k3:
             described = "; ".join(f"{name}: gold gain {fmt(runs[name]['gold_gain_end'])} at d = {fmt(runs[name]['d_end'])}, gap {fmt(runs[name]['gap_to_frontier'])}"
                                   for name in k1 + k3)
@@ -391,8 +388,9 @@ def reading(study: dict) -> list[str]:
     return lines
 
 
-def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, seconds: float) -> tuple[Path, dict]:
-    """Write the figures, ``results.json`` and ``report.md`` into ``out``; return the report path and the summary."""
+def write_report(out: Path, records: dict[str, dict], base: str, size: str, seconds: float) -> tuple[Path, dict]:
+    """Write the figures, ``results.json`` and ``report.md`` of the ``size`` demo (one of ``plan.SIZES``) into
+    ``out``; return the report path and the summary."""
     summary = summarize(records, base)
     plot_study(records, summary["study"], out / "overoptimization.png")
     overopt_report.plot_best_of_n(summary["best_of_n"], out / "best_of_n.png")
@@ -406,7 +404,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, quick: bool, se
     text = [
         "# trl-regularizers demo report",
         "",
-        f"Size: {'quick (CI)' if quick else 'full'}, seeds {summary['seeds']}. Wall time {seconds:.0f} s "
+        f"Size: {'quick (CI)' if size == 'quick' else size}, seeds {summary['seeds']}. Wall time {seconds:.0f} s "
         f"({summary['train_seconds']:.0f} s of training over all runs). Every number below is read from this run's logs "
         "(`results.json`, `<panel>/<run>/seed<k>/run.json`); `m [lo, hi]` is the mean over seeds and its 95% t-interval.",
         "",

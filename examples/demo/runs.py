@@ -11,7 +11,7 @@ corpus, so the numbers of (c) are comparable across trainers.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from datasets import Dataset
 
 from examples.demo.corpus import ANIMALS, ATTRIBUTES, COLORS, FOODS, HOMES, SOUNDS, WEATHER, corpus_lines, fact, world
 from examples.demo.jobs import quiet_trainer
+from examples.demo.plan import SIZES
 from trl_regularizers.drift import KLDriftCallback
 
 TARGET_CHAR = "o"
@@ -28,7 +29,7 @@ STRENGTH_LABELS = {3: "significantly better", 2: "better", 1: "slightly better"}
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How long each run trains and how many seeds each number averages; ``quick`` is the CI size."""
+    """How long each run trains (everything that makes a run's numbers, so it is part of the run's cache key)."""
 
     dpo_steps: int
     grpo_steps: int
@@ -44,19 +45,23 @@ class DemoSize:
     forget_sft_steps: int
     forget_grpo_steps: int
     forget_probe_every: int
-    seeds: int
     bon_samples: int = 256
     """Start-policy samples per task prompt of the best-of-n study (``bestofn.py``): n runs up to this."""
 
     @classmethod
-    def named(cls, quick: bool) -> DemoSize:
-        if quick:
+    def named(cls, name: str) -> DemoSize:
+        """The size called ``name`` (one of ``SIZES``). ``default`` shortens the study's runs (16 steps) and
+        best-of-n (64 samples per prompt) of ``full``; every other run is the same."""
+        if name not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}, got {name!r}.")
+        if name == "quick":
             return cls(dpo_steps=4, grpo_steps=4, reward_steps=4, probe_every=2, probe_prompts=8, heldout_texts=16,
                        rated_pairs=32, heldout_pairs=32, proxy_steps=2, study_steps=4, study_probe_every=2,
-                       forget_sft_steps=4, forget_grpo_steps=4, forget_probe_every=2, seeds=2, bon_samples=8)
-        return cls(dpo_steps=40, grpo_steps=50, reward_steps=48, probe_every=10, probe_prompts=16, heldout_texts=64,
+                       forget_sft_steps=4, forget_grpo_steps=4, forget_probe_every=2, bon_samples=8)
+        full = cls(dpo_steps=40, grpo_steps=50, reward_steps=48, probe_every=10, probe_prompts=16, heldout_texts=64,
                    rated_pairs=512, heldout_pairs=256, proxy_steps=64, study_steps=24, study_probe_every=4,
-                   forget_sft_steps=30, forget_grpo_steps=40, forget_probe_every=5, seeds=3)
+                   forget_sft_steps=30, forget_grpo_steps=40, forget_probe_every=5)
+        return full if name == "full" else replace(full, study_steps=16, bon_samples=64)
 
 
 # ----------------------------------------------------------------------------------------------- data
