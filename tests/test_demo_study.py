@@ -175,6 +175,9 @@ def check_study_sections(out, results: dict, text: str) -> None:
     start = results["proxy_quality"]["start_policy"]
     assert start["mean"] == pytest.approx(sum(spearman(r["proxy"], r["gold"]) for r in bon) / len(bon))
     assert start["low"] <= start["mean"] <= start["high"] and fmt(start) in text
+    verdicts = {"The interval lies above 0.5": start["low"] >= 0.5, "The interval lies below 0.5": start["high"] < 0.5}
+    verdicts["The interval holds 0.5"] = not any(verdicts.values())
+    assert {v for v in verdicts if v in text} == {v for v, holds in verdicts.items() if holds}
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= per]
     assert results["best_of_n"]["n"] == ns and results["best_of_n"]["kl"] == pytest.approx([best_of_n_kl(n) for n in ns])
     gains = []

@@ -1,4 +1,4 @@
-"""``python -m examples.demo``: run the over-optimization study and panels (a)-(e) over several seeds, and
+"""``python -m examples.demo``: run the over-optimization study and panels (a)-(f) over several seeds, and
 write the report folder."""
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ size trains it)."""
 EXAMPLE_PROMPTS = 2
 """Probe prompts (the first ones) shown per stage in the examples table."""
 EXAMPLE_SEED = 0
+INFORMATIVE_SPEARMAN = 0.5
+"""Start-policy Spearman(proxy, gold) from which the report calls the proxy informative where the policy starts."""
 
 
 def study_variants(records: dict[str, dict]) -> dict[str, list[str]]:
@@ -174,7 +176,13 @@ def study_sections(quality: dict, bon: dict, examples: dict) -> list[str]:
         "### Does the proxy rank the start policy's samples?",
         f"Spearman rank correlation of proxy and gold over {start['samples_per_seed']} start-policy samples per seed "
         f"(the best-of-n samples below): **{fmt(start)}** (mean over {start['n']} seeds; 95% bootstrap interval, samples "
-        f"resampled within each seed). On the unregularized runs' probe samples ({quality['samples_per_probe']} per seed):",
+        f"resampled within each seed). "
+        + (f"The interval lies above {INFORMATIVE_SPEARMAN:g}: the proxy is informative where the policy starts."
+           if start["low"] >= INFORMATIVE_SPEARMAN else
+           f"The interval lies below {INFORMATIVE_SPEARMAN:g}: the proxy says little about what the first RL steps change; the "
+           "proxy settings tried to raise it are listed in `docs/overoptimization.md` (\"Proxy settings tried\")."
+           if start["high"] < INFORMATIVE_SPEARMAN else f"The interval holds {INFORMATIVE_SPEARMAN:g}.")
+        + f" On the unregularized runs' probe samples ({quality['samples_per_probe']} per seed):",
         "",
         "| trainer | Spearman at the first probe (step) | Spearman at the last probe (step) |",
         "|---|---|---|",
