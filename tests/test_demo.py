@@ -53,16 +53,18 @@ def test_embedded_model_knows_the_facts():
 def test_study_checkpoints_are_shipped_and_weaker_than_the_judge():
     """The over-optimization study's checkpoints load from the package (no pretraining on first use), and the
     policy's starting point knows less than the fully trained model that judges fluency."""
-    from examples.demo.overopt import CHECKPOINTS
+    from examples.demo.overopt import START_CHECKPOINT
+    from examples.demo.plan import SIZES
     from examples.demo.pretrain import ASSET_DIR
+    from examples.demo.runs import DemoSize
 
     info = {}
-    for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}:
+    for steps in {START_CHECKPOINT, *(steps for size in SIZES for steps in DemoSize.named(size).rated_checkpoints)}:
         path = Path(base_model_path(PretrainSettings(steps=steps)))
         assert path.parent == ASSET_DIR.parent, steps
         info[steps] = json.loads((path / "pretrain_info.json").read_text())
-    assert info[CHECKPOINTS["start"]]["heldout_nll"] > info[max(info)]["heldout_nll"]
-    assert info[CHECKPOINTS["start"]]["fact_accuracy"] < info[max(info)]["fact_accuracy"]
+    assert info[START_CHECKPOINT]["heldout_nll"] > info[max(info)]["heldout_nll"]
+    assert info[START_CHECKPOINT]["fact_accuracy"] < info[max(info)]["fact_accuracy"]
 
 
 @pytest.mark.slow
@@ -192,9 +194,9 @@ def test_sizes_select_runs_and_seeds_keep_their_cache_keys():
     context = {"size": {"study_steps": 24}, "base": "b"}
     keys = {job.folder: job.key(context) for job in full}
     assert {job.folder: job.key(context) for job in demo_jobs("full", 5) if job.seed < 3} == keys
-    # The default size shortens the study and best-of-n of the full one, nothing else.
+    # The default size has a cheaper proxy and shortens the study and best-of-n of the full one, nothing else.
     changed = {k for k, v in vars(DemoSize.named("default")).items() if vars(DemoSize.named("full"))[k] != v}
-    assert changed == {"study_steps", "bon_samples"}
+    assert changed == {"study_steps", "bon_samples", "rated_pairs", "proxy_steps", "proxy_batch_size", "rated_checkpoints", "rater_temperature"}
     for bad in (("medium", 3), ("full", 0)):
         with pytest.raises(ValueError, match="size|seeds"):
             demo_jobs(*bad)

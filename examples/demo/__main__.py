@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> Path:
             parser.error(f"--{name} must be >= 1, got {value}.")
 
     from examples.demo.jobs import quiet_process, run_jobs
-    from examples.demo.overopt import CHECKPOINTS
+    from examples.demo.overopt import START_CHECKPOINT
     from examples.demo.plan import demo_jobs, run_job
     from examples.demo.pretrain import PretrainSettings, base_model_path
     from examples.demo.report import results_table, write_report
@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             size = DemoSize.named(args.size)
             started = time.time()
-            checkpoint = {steps: base_model_path(PretrainSettings(steps=steps)) for steps in {*CHECKPOINTS["rated"], CHECKPOINTS["start"]}}
+            checkpoint = {steps: base_model_path(PretrainSettings(steps=steps)) for steps in {*size.rated_checkpoints, START_CHECKPOINT}}
             base = base_model_path()
-            context = {"size": asdict(size), "base": base, "start": checkpoint[CHECKPOINTS["start"]],
-                       "rated_sources": [checkpoint[steps] for steps in CHECKPOINTS["rated"]]}
+            context = {"size": asdict(size), "base": base, "start": checkpoint[START_CHECKPOINT],
+                       "rated_sources": [checkpoint[steps] for steps in size.rated_checkpoints]}
             records = run_jobs(demo_jobs(args.size, seeds), run_job, out, context, workers=args.workers, threads=args.threads, fresh=args.fresh)
             report, summary = write_report(out, records, base, args.size, time.time() - started)
             print(results_table(summary), flush=True)

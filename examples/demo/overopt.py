@@ -1,10 +1,10 @@
 """The over-optimization study: a proxy reward model, the gold reward it imitates, and what each regularizer buys.
 
-1. ``rated_comparisons``: pairs of completions of the task prompts sampled from several checkpoints
-   (``CHECKPOINTS``), labeled by a simulated rater who prefers the higher gold score with Bradley-Terry noise
-   (P(a over b) = sigmoid((g_a - g_b) / RATER_TEMPERATURE)).
-2. ``train_proxy``: a reward model trained on a few hundred of them with ``RegularizedRewardTrainer`` (its
-   held-out accuracy against the gold order is reported): small data, so it is exploitable.
+1. ``rated_comparisons``: pairs of completions of the task prompts sampled from the start policy (or from several
+   checkpoints, ``DemoSize.rated_checkpoints``), labeled by a simulated rater who prefers the higher gold score
+   with Bradley-Terry noise (P(a over b) = sigmoid((g_a - g_b) / DemoSize.rater_temperature)).
+2. ``train_proxy``: a reward model trained on them with ``RegularizedRewardTrainer`` (its held-out accuracy
+   against the gold order is reported): finite data, so it is exploitable.
 3. ``run_policy``: GRPO, RLOO or PPO against the proxy under each of ``STUDY_VARIANTS``. ``StudyProbe`` samples
    the task prompts every few steps and logs the proxy and gold rewards of those samples with the drift probe's
    sequence-level KL(pi || pi_0), the ``d = sqrt(KL)`` of Gao et al. 2022.
@@ -27,17 +27,14 @@ from examples.demo.runs import DemoProbe, DemoSize, common_args, task_prompts
 
 COMPLETION_LENGTH = 48
 """Tokens (bytes) per completion: room for two or three facts."""
-RATER_TEMPERATURE = 0.25
-"""Bradley-Terry temperature of the simulated rater (gold units): a 0.25 gold gap is labeled right 73% of the time."""
 PROXY_LEARNING_RATE = 1e-3
 POLICY_LEARNING_RATE = 2e-4
 POLICY_BATCH_SIZE = 32
 """Completions per step: 4 prompts x 8 samples."""
-CHECKPOINTS = {"rated": (200, 300, 800), "start": 300}
-"""Pretraining steps of the tiny-world checkpoints (``PretrainSettings(steps=...)``) whose samples are rated, and
-of the policy's starting point: the 300-step model states a fact in about half its completions and gets many
-wrong, so there is room to improve; the fully trained 800-step model is the gold reward's fluency judge and the
-proxy's initialization."""
+START_CHECKPOINT = 300
+"""Pretraining steps of the policy's starting point (``PretrainSettings(steps=...)``): the 300-step model states a
+fact in about half its completions and gets many wrong, so there is room to improve; the fully trained 800-step
+model is the gold reward's fluency judge and the proxy's initialization."""
 PROXY_KEY = "probe/proxy"
 GOLD_KEY = "probe/gold"
 
@@ -58,10 +55,10 @@ def sample_completions(model, tokenizer, prompts: list[str], seed: int, max_new_
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def rated_comparisons(sources: list[str], judge: str, seed: int, num_pairs: int) -> Dataset:
+def rated_comparisons(sources: list[str], judge: str, seed: int, num_pairs: int, temperature: float) -> Dataset:
     """``num_pairs`` rows: a task ``prompt``, two completions each sampled from a random one of the ``sources``
-    checkpoints, as ``chosen``/``rejected`` the way the rater labeled them, and both gold scores (fluency judged
-    by ``judge``)."""
+    checkpoints, as ``chosen``/``rejected`` the way a rater with Bradley-Terry ``temperature`` labeled them, and
+    both gold scores (fluency judged by ``judge``)."""
     gold = GoldReward(*load_base(judge))
     rng = random.Random(seed)
     prompts = [rng.choice(task_prompts()) for _ in range(num_pairs)]
@@ -78,7 +75,7 @@ def rated_comparisons(sources: list[str], judge: str, seed: int, num_pairs: int)
     gold_first, gold_second = gold(prompts, first), gold(prompts, second)
     rows = []
     for prompt, a, b, ga, gb in zip(prompts, first, second, gold_first, gold_second):
-        a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / RATER_TEMPERATURE))
+        a_wins = rng.random() < 1 / (1 + math.exp(-(ga - gb) / temperature))
         (chosen, gc), (rejected, gr) = ((a, ga), (b, gb)) if a_wins else ((b, gb), (a, ga))
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_gold": gc, "rejected_gold": gr})
     return Dataset.from_list(rows)
@@ -90,9 +87,11 @@ def train_proxy(sources: list[str], judge: str, out: Path, size: DemoSize, seed:
     from trl_regularizers import RegularizedRewardConfig, RegularizedRewardTrainer
     from trl_regularizers.scoring import RewardScorer, pair_texts
 
-    train = rated_comparisons(sources, judge, 100 + seed, size.rated_pairs)
-    heldout = rated_comparisons(sources, judge, 200 + seed, size.heldout_pairs).filter(lambda r: abs(r["chosen_gold"] - r["rejected_gold"]) > 0.1)
-    args = RegularizedRewardConfig(**common_args(out, size.proxy_steps, seed), learning_rate=PROXY_LEARNING_RATE, per_device_train_batch_size=16)
+    train = rated_comparisons(sources, judge, 100 + seed, size.rated_pairs, size.rater_temperature)
+    heldout = rated_comparisons(sources, judge, 200 + seed, size.heldout_pairs, size.rater_temperature)
+    heldout = heldout.filter(lambda r: abs(r["chosen_gold"] - r["rejected_gold"]) > 0.1)
+    args = RegularizedRewardConfig(**common_args(out, size.proxy_steps, seed), learning_rate=PROXY_LEARNING_RATE,
+                                   per_device_train_batch_size=size.proxy_batch_size)
     trainer = RegularizedRewardTrainer(model=judge, args=args, train_dataset=train.remove_columns(["chosen_gold", "rejected_gold"]))
     quiet_trainer(trainer, f"proxy reward model seed {seed}")
     trainer.train()
@@ -108,6 +107,8 @@ def train_proxy(sources: list[str], judge: str, out: Path, size: DemoSize, seed:
         "heldout_accuracy": sum(gold_order) / len(gold_order) if gold_order else float("nan"),
         "heldout_pairs": len(gold_order),
         "train_pairs": len(train),
+        "rated_checkpoints": list(size.rated_checkpoints),
+        "rater_temperature": size.rater_temperature,
         "train_label_agreement": label_agreement,
         "log_history": trainer.state.log_history,
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from examples.demo import overopt_report
 from examples.demo.forget_report import forget_section, plot_forget, summarize_forget
-from examples.demo.overopt import CHECKPOINTS, GOLD_KEY, PROXY_KEY, RATER_TEMPERATURE
+from examples.demo.overopt import GOLD_KEY, PROXY_KEY, START_CHECKPOINT
 from examples.demo.overopt_report import REFERENCE_VARIANT, study_variants
 from examples.demo.margins import FLIP_RATES, MARGIN_SCALE
 from examples.demo.plan import PROXY
@@ -121,7 +121,8 @@ def summarize_study(records: dict[str, dict]) -> dict:
     proxy = runs.pop(PROXY)
     summary = {
         "proxy": {**_intervals([{"heldout_accuracy": r["heldout_accuracy"], "train_label_agreement": r["train_label_agreement"]} for r in proxy]),
-                  "train_pairs": proxy[0]["train_pairs"], "heldout_pairs": [r["heldout_pairs"] for r in proxy]},
+                  "train_pairs": proxy[0]["train_pairs"], "heldout_pairs": [r["heldout_pairs"] for r in proxy],
+                  "rated_checkpoints": proxy[0]["rated_checkpoints"], "rater_temperature": proxy[0]["rater_temperature"]},
         "frontier": {},
         "runs": {},
     }
@@ -409,10 +410,10 @@ def write_report(out: Path, records: dict[str, dict], base: str, size: str, seco
         "(`results.json`, `<panel>/<run>/seed<k>/run.json`); `m [lo, hi]` is the mean over seeds and its 95% t-interval.",
         "",
         "## Over-optimization: a proxy reward model against the gold reward",
-        f"The policy starts from a {CHECKPOINTS['start']}-step checkpoint of the tiny-world model and is optimized against a "
+        f"The policy starts from a {START_CHECKPOINT}-step checkpoint of the tiny-world model and is optimized against a "
         f"**proxy** reward model trained on {proxy['train_pairs']} rated pairs of completions sampled from the "
-        f"{', '.join(map(str, CHECKPOINTS['rated']))}-step checkpoints, labeled by a simulated rater who prefers the "
-        f"higher gold score with Bradley-Terry noise (temperature {RATER_TEMPERATURE:g}). Its held-out accuracy against "
+        f"{', '.join(map(str, proxy['rated_checkpoints']))}-step checkpoint{'s' if len(proxy['rated_checkpoints']) > 1 else ''}, labeled by a "
+        f"simulated rater who prefers the higher gold score with Bradley-Terry noise (temperature {proxy['rater_temperature']:g}). Its held-out accuracy against "
         f"the gold order is {fmt(proxy['heldout_accuracy'])} (rater labels agree with the gold order on "
         f"{fmt(proxy['train_label_agreement'])} of its training pairs). The **gold** reward (`demo/gold.py`), never "
         "seen by the policy, counts the true minus the false facts stated and adds half the fully trained model's "
