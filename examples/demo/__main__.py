@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> Path:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--size", choices=SIZES, default="default",
                        help="default: every panel, the study's unregularized runs and GRPO's k3 penalty (under 10 minutes on 2 CPU cores); "
-                       "full: every regularizer of the study (about 20 minutes there); quick: CI-sized runs (a few steps each, 2 seeds).")
+                       "full: every regularizer of the study and a proxy trained on 8192 comparisons of the start policy's samples (27 minutes there with --seeds 5); quick: CI-sized runs (a few steps each, 2 seeds).")
     sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
     sizes.add_argument("--full", dest="size", action="store_const", const="full", help="Same as --size full.")
     parser.add_argument("--seeds", type=int, help=f"Seeds per run (default: {', '.join(f'{k} {v}' for k, v in SEEDS.items())}). Adding seeds reuses the runs of the others.")

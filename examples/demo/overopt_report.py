@@ -179,8 +179,8 @@ def study_sections(quality: dict, bon: dict, examples: dict) -> list[str]:
         f"resampled within each seed). "
         + (f"The interval lies above {INFORMATIVE_SPEARMAN:g}: the proxy is informative where the policy starts."
            if start["low"] >= INFORMATIVE_SPEARMAN else
-           f"The interval lies below {INFORMATIVE_SPEARMAN:g}: the proxy says little about what the first RL steps change; the "
-           "proxy settings tried to raise it are listed in `docs/overoptimization.md` (\"Proxy settings tried\")."
+           f"The interval lies below {INFORMATIVE_SPEARMAN:g}, the target for a proxy that ranks what the first RL steps "
+           "change; the proxy settings tried to raise it are listed in `docs/overoptimization.md` (\"Proxy settings tried\")."
            if start["high"] < INFORMATIVE_SPEARMAN else f"The interval holds {INFORMATIVE_SPEARMAN:g}.")
         + f" On the unregularized runs' probe samples ({quality['samples_per_probe']} per seed):",
         "",

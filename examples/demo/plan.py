@@ -27,7 +27,7 @@ three placements; ``full`` adds the other regularizers and (b)'s two controls.""
 
 
 def demo_jobs(size: str, seeds: int) -> list[Job]:
-    """The jobs of ``size`` (one of ``runs.SIZES``) for seeds ``0 .. seeds - 1``, in an order that runs each proxy
+    """The jobs of ``size`` (one of ``SIZES``) for seeds ``0 .. seeds - 1``, in an order that runs each proxy
     reward model before the policies that need it."""
     from examples.demo.forget import FORGET_VARIANTS
     from examples.demo.overopt import STUDY_VARIANTS

@@ -411,8 +411,10 @@ def write_report(out: Path, records: dict[str, dict], base: str, size: str, seco
         "",
         "## Over-optimization: a proxy reward model against the gold reward",
         f"The policy starts from a {START_CHECKPOINT}-step checkpoint of the tiny-world model and is optimized against a "
-        f"**proxy** reward model trained on {proxy['train_pairs']} rated pairs of completions sampled from the "
-        f"{', '.join(map(str, proxy['rated_checkpoints']))}-step checkpoint{'s' if len(proxy['rated_checkpoints']) > 1 else ''}, labeled by a "
+        f"**proxy** reward model trained on {proxy['train_pairs']} rated pairs of completions sampled from "
+        + ("the start policy itself" if proxy["rated_checkpoints"] == [START_CHECKPOINT] else
+           f"the {', '.join(map(str, proxy['rated_checkpoints']))}-step checkpoints")
+        + ", labeled by a "
         f"simulated rater who prefers the higher gold score with Bradley-Terry noise (temperature {proxy['rater_temperature']:g}). Its held-out accuracy against "
         f"the gold order is {fmt(proxy['heldout_accuracy'])} (rater labels agree with the gold order on "
         f"{fmt(proxy['train_label_agreement'])} of its training pairs). The **gold** reward (`demo/gold.py`), never "
