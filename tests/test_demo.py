@@ -91,6 +91,7 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
 
     # The study: every run of every trainer, each number recomputed from the saved probes.
     study = results["study"]["runs"]
+    assert results["study"]["steps"] == 4 and "Each policy run trains 4 steps;" in text
     assert set(study) == {f"{t} {v}" for t, variants in STUDY_VARIANTS.items() for v in variants}
     grpo = run("study/GRPO_no_KL")
     gains = [r["drift"][-1]["probe/gold"] - r["drift"][0]["probe/gold"] for r in grpo]
@@ -202,6 +203,16 @@ def test_sizes_select_runs_and_seeds_keep_their_cache_keys():
             demo_jobs(*bad)
     with pytest.raises(ValueError, match="size must be one of"):
         DemoSize.named("medium")
+    # --study-steps lengthens only the study's policy runs, probed about 12 times.
+    longer = DemoSize.named("full").with_study_steps(256)
+    assert (longer.study_steps, longer.study_probe_every) == (256, 21) and DemoSize.named("quick").with_study_steps(3).study_probe_every == 1
+    assert {k for k, v in vars(longer).items() if vars(DemoSize.named("full"))[k] != v} == {"study_steps", "study_probe_every"}
+    with pytest.raises(ValueError, match="study steps must be >= 1"):
+        DemoSize.named("full").with_study_steps(0)
+    from examples.demo.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--study-steps", "0"])
     assert SIZES == ("quick", "default", "full")
 
 

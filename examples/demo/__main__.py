@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> Path:
                        "full: every regularizer of the study and a proxy trained on 8192 comparisons of the start policy's samples (27 minutes there with --seeds 5); quick: CI-sized runs (a few steps each, 2 seeds).")
     sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
     sizes.add_argument("--full", dest="size", action="store_const", const="full", help="Same as --size full.")
+    parser.add_argument("--study-steps", type=int,
+                        help="Train the study's policy runs this many steps instead of the size's (full 24, default 16), probed about 12 "
+                        "times. At 256 the unregularized GRPO and RLOO runs over-optimize (docs/overoptimization.md); each of "
+                        "their runs then takes 2-3 minutes here.")
     parser.add_argument("--seeds", type=int, help=f"Seeds per run (default: {', '.join(f'{k} {v}' for k, v in SEEDS.items())}). Adding seeds reuses the runs of the others.")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="Runs trained at once, one process each (default: 2, or 1 on one core).")
     parser.add_argument(
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--fresh", action="store_true", help="Retrain every run instead of reusing the ones saved in --out.")
     args = parser.parse_args(argv)
     seeds = SEEDS[args.size] if args.seeds is None else args.seeds
-    for name, value in (("workers", args.workers), ("threads", args.threads), ("seeds", seeds)):
+    for name, value in (("workers", args.workers), ("threads", args.threads), ("seeds", seeds), ("study-steps", 1 if args.study_steps is None else args.study_steps)):
         if value < 1:
             parser.error(f"--{name} must be >= 1, got {value}.")
 
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> Path:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             size = DemoSize.named(args.size)
+            if args.study_steps is not None:
+                size = size.with_study_steps(args.study_steps)
             started = time.time()
             checkpoint = {steps: base_model_path(PretrainSettings(steps=steps)) for steps in {*size.rated_checkpoints, START_CHECKPOINT}}
             base = base_model_path()

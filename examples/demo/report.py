@@ -16,7 +16,7 @@ from examples.demo.forget_report import forget_section, plot_forget, summarize_f
 from examples.demo.overopt import GOLD_KEY, PROXY_KEY, START_CHECKPOINT
 from examples.demo.overopt_report import REFERENCE_VARIANT, study_variants
 from examples.demo.margins import FLIP_RATES, MARGIN_SCALE
-from examples.demo.plan import PROXY
+from examples.demo.plan import BEST_OF_N, PROXY
 from examples.demo.runs import GRPO_SETTINGS, LABEL_NOISE, SCORE_NOISE, STRENGTH_LABELS, TARGET_CHAR, series
 from examples.demo.stats import fmt, gao_rl_fit, mean_interval
 
@@ -123,6 +123,7 @@ def summarize_study(records: dict[str, dict]) -> dict:
         "proxy": {**_intervals([{"heldout_accuracy": r["heldout_accuracy"], "train_label_agreement": r["train_label_agreement"]} for r in proxy]),
                   "train_pairs": proxy[0]["train_pairs"], "heldout_pairs": [r["heldout_pairs"] for r in proxy],
                   "rated_checkpoints": proxy[0]["rated_checkpoints"], "rater_temperature": proxy[0]["rater_temperature"]},
+        "steps": max(r["log_history"][-1]["step"] for name, group in runs.items() if name != BEST_OF_N for r in group),
         "frontier": {},
         "runs": {},
     }
@@ -419,7 +420,7 @@ def write_report(out: Path, records: dict[str, dict], base: str, size: str, seco
         f"the gold order is {fmt(proxy['heldout_accuracy'])} (rater labels agree with the gold order on "
         f"{fmt(proxy['train_label_agreement'])} of its training pairs). The **gold** reward (`demo/gold.py`), never "
         "seen by the policy, counts the true minus the false facts stated and adds half the fully trained model's "
-        "per-token log-likelihood of the text. Every probe samples the 32 task prompts twice; "
+        f"per-token log-likelihood of the text. Each policy run trains {study['steps']} steps; every probe samples the 32 task prompts twice; "
         "d = sqrt(sequence-level KL(pi || pi_0)) on those samples (Gao et al. 2022).",
         "",
         "![over-optimization](overoptimization.png)",

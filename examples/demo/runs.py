@@ -54,6 +54,12 @@ class DemoSize:
     """Bradley-Terry temperature of the simulated rater (gold units): P(a over b) = sigmoid((g_a - g_b) / temperature)."""
     proxy_batch_size: int = 16
 
+    def with_study_steps(self, steps: int) -> DemoSize:
+        """The same size with the study's policy runs trained ``steps`` steps, probed about 12 times."""
+        if steps < 1:
+            raise ValueError(f"study steps must be >= 1, got {steps}.")
+        return replace(self, study_steps=steps, study_probe_every=max(1, steps // 12))
+
     @classmethod
     def named(cls, name: str) -> DemoSize:
         """The size called ``name`` (one of ``SIZES``). ``full``'s proxy learns from 8192 comparisons of the start
