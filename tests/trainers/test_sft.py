@@ -107,6 +107,34 @@ def test_kl_term_and_gradient_equal_a_direct_computation_from_full_logits(tiny_l
     assert not torch.isclose(direct_kl_term(trainer.model, base, everywhere, direction), expected / 0.7)  # the mask matters
 
 
+def test_the_anchor_adds_one_reference_backbone_forward_and_no_logits(tiny_lm_path, tmp_path):
+    """The cost target: per micro-batch one no-grad forward of the reference's backbone, and the KL from hidden states
+    and head weights, so neither LM head module runs more than in stock SFT (no [B, T, V] logits beyond stock's;
+    TRL 1.16's own loss does not call the head module either)."""
+    calls = {}
+
+    def count(name, module):
+        calls[name] = 0
+
+        def hook(*_):
+            calls[name] += 1
+        module.register_forward_hook(hook)
+
+    stock = SFTTrainer(tiny_lm_path, args=SFTConfig(str(tmp_path / "stock"), **COMMON, gradient_accumulation_steps=2), train_dataset=prompt_completion())
+    count("stock backbone", stock.model.model)
+    count("stock head", stock.model.lm_head)
+    stock.train()
+    args = RegularizedSFTConfig(str(tmp_path / "ours"), **COMMON, sft_kl_coef=0.1, gradient_accumulation_steps=2)
+    trainer = RegularizedSFTTrainer(tiny_lm_path, args=args, train_dataset=prompt_completion())
+    for owner, model in (("policy", trainer.model), ("reference", trainer.reference_model)):
+        count(f"{owner} backbone", model.model)
+        count(f"{owner} head", model.lm_head)
+    trainer.train()
+    micro_batches = COMMON["max_steps"] * 2
+    assert calls["stock backbone"] == calls["policy backbone"] == calls["reference backbone"] == micro_batches
+    assert calls["policy head"] == calls["stock head"] and calls["reference head"] == 0
+
+
 def test_peft_reference_is_the_policy_with_its_adapter_disabled(tiny_lm_path, tmp_path):
     from peft import LoraConfig
 
