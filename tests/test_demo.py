@@ -101,6 +101,10 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     assert study["GRPO no KL"]["d_end"]["mean"] == pytest.approx(sum(d_end) / len(d_end)) and all(d > 0 for d in d_end)
     assert fmt(study["GRPO no KL"]["gold_gain_end"]) in text and fmt(study["GRPO no KL"]["proxy_gain_end"]) in text
     assert all(r["settings"] == STUDY_VARIANTS["RLOO"]["k1 in reward, beta=0.05"] for r in run("study/RLOO_k1_in_reward_beta=0.05"))
+    gaps = [r["gap_to_frontier"] for r in study.values() if r["variant"] != "no KL" and r["gap_to_frontier"]["n"]]
+    above, below = sum(g["low"] > 0 for g in gaps), sum(g["high"] < 0 for g in gaps)
+    assert (f"Of the {len(gaps)} regularized runs, {above} lie above the unregularized gold-vs-d frontier (more gold at the same d: "
+            f"a better curve), {len(gaps) - above - below} on it") in text and f"finding) and {below} below it." in text
     proxy = run("study/proxy_reward_model")
     assert results["study"]["proxy"]["heldout_accuracy"] == pytest.approx(mean_interval([r["heldout_accuracy"] for r in proxy]))
     assert fmt(results["study"]["proxy"]["heldout_accuracy"]) in text

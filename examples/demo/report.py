@@ -376,9 +376,9 @@ def reading(study: dict) -> list[str]:
     gaps = [r["gap_to_frontier"] for r in runs.values() if r["variant"] != REFERENCE_VARIANT and r["gap_to_frontier"]["n"]]
     above, below = sum(g["low"] > 0 for g in gaps), sum(g["high"] < 0 for g in gaps)
     lines.append(
-        f"- **Frontier or early stop?** Of {len(gaps)} regularized runs, {above} lie above the unregularized gold-vs-d "
-        f"frontier, {below} below it and {len(gaps) - above - below} on it within their 95% interval: where they are on "
-        "it, the penalty bought its gold by stopping earlier on the same curve (Gao et al.'s finding), not by a better curve."
+        f"- **Frontier or early stop?** Of the {len(gaps)} regularized runs, {above} lie above the unregularized gold-vs-d "
+        f"frontier (more gold at the same d: a better curve), {len(gaps) - above - below} on it within their 95% interval "
+        f"(gold bought by stopping earlier on the same curve, Gao et al.'s finding) and {below} below it."
     )
     for trainer in study["frontier"]:
         k1 = [name for name, r in runs.items() if r["trainer"] == trainer and r["variant"].startswith("k1 in reward")]
