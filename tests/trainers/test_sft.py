@@ -1,6 +1,7 @@
 """RegularizedSFTTrainer: stock SFT at the defaults (plain, packing, padding-free, completion-only), the KL term and its
 gradient against a direct computation from both models' full logits in both directions (prompt positions excluded),
-the PEFT reference, adaptive coefficient and ptx across a resume, 2 processes against 1, and the drift probe."""
+the anchor's work (one reference backbone forward, no LM head call beyond stock's), the PEFT reference, adaptive
+coefficient and ptx across a resume, 2 processes against 1, and the drift probe."""
 
 from __future__ import annotations
 
