@@ -100,6 +100,13 @@ def test_quick_demo_report_numbers_come_from_the_run(tmp_path):
     d_end = [math.sqrt(r["drift"][-1]["drift/kl_reverse_sequence"]) for r in grpo]
     assert study["GRPO no KL"]["d_end"]["mean"] == pytest.approx(sum(d_end) / len(d_end)) and all(d > 0 for d in d_end)
     assert fmt(study["GRPO no KL"]["gold_gain_end"]) in text and fmt(study["GRPO no KL"]["proxy_gain_end"]) in text
+    # Each seed's own rise and fall, from its probes: best and last gold gain, and the count of seeds that did both.
+    from examples.demo.report import PEAK_MARGIN
+
+    best = [max(h["probe/gold"] for h in r["drift"]) - r["drift"][0]["probe/gold"] for r in grpo]
+    shaped = sum(b >= PEAK_MARGIN and b - g >= PEAK_MARGIN for b, g in zip(best, gains))
+    assert (f"Per seed, best/last gold gain {', '.join(f'{b:.2f}/{g:.2f}' for b, g in zip(best, gains))}: the gold rose by at least "
+            f"{PEAK_MARGIN:g} and then fell by at least {PEAK_MARGIN:g} in {shaped} of 2 seeds.") in text
     assert all(r["settings"] == STUDY_VARIANTS["RLOO"]["k1 in reward, beta=0.05"] for r in run("study/RLOO_k1_in_reward_beta=0.05"))
     gaps = [r["gap_to_frontier"] for r in study.values() if r["variant"] != "no KL" and r["gap_to_frontier"]["n"]]
     above, below = sum(g["low"] > 0 for g in gaps), sum(g["high"] < 0 for g in gaps)
@@ -201,16 +208,17 @@ def test_sizes_select_runs_and_seeds_keep_their_cache_keys():
     assert {job.folder: job.key(context) for job in demo_jobs("full", 5) if job.seed < 3} == keys
     # The default size has a cheaper proxy and shortens the study and best-of-n of the full one, nothing else.
     changed = {k for k, v in vars(DemoSize.named("default")).items() if vars(DemoSize.named("full"))[k] != v}
-    assert changed == {"study_steps", "bon_samples", "rated_pairs", "proxy_steps", "proxy_batch_size", "rated_checkpoints", "rater_temperature"}
+    assert changed == {"study_steps", "study_probe_every", "bon_samples", "rated_pairs", "proxy_steps", "proxy_batch_size", "rated_checkpoints", "rater_temperature"}
     for bad in (("medium", 3), ("full", 0)):
         with pytest.raises(ValueError, match="size|seeds"):
             demo_jobs(*bad)
     with pytest.raises(ValueError, match="size must be one of"):
         DemoSize.named("medium")
     # --study-steps lengthens only the study's policy runs, probed about 12 times.
-    longer = DemoSize.named("full").with_study_steps(256)
-    assert (longer.study_steps, longer.study_probe_every) == (256, 21) and DemoSize.named("quick").with_study_steps(3).study_probe_every == 1
-    assert {k for k, v in vars(longer).items() if vars(DemoSize.named("full"))[k] != v} == {"study_steps", "study_probe_every"}
+    longer = DemoSize.named("default").with_study_steps(64)
+    assert (longer.study_steps, longer.study_probe_every) == (64, 5) and DemoSize.named("quick").with_study_steps(3).study_probe_every == 1
+    assert {k for k, v in vars(longer).items() if vars(DemoSize.named("default"))[k] != v} == {"study_steps", "study_probe_every"}
+    assert DemoSize.named("full").with_study_steps(256) == DemoSize.named("full")
     with pytest.raises(ValueError, match="study steps must be >= 1"):
         DemoSize.named("full").with_study_steps(0)
     from examples.demo.__main__ import main

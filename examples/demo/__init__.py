@@ -2,7 +2,7 @@
 PNG report.
 
     python -m examples.demo --out reports/demo          # default size, < 10 min on 2 CPU cores
-    python -m examples.demo --out reports/demo --full   # the whole over-optimization study, 3 seeds (27 min with --seeds 5)
+    python -m examples.demo --out reports/demo --full   # the whole over-optimization study, 3 seeds (about an hour)
     python -m examples.demo --out /tmp/demo --quick     # CI size, < 2 min
 
 Modules: ``corpus`` (the generated tiny-world text), ``pretrain`` (the embedded model, cached),

@@ -19,13 +19,12 @@ def main(argv: list[str] | None = None) -> Path:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--size", choices=SIZES, default="default",
                        help="default: every panel, the study's unregularized runs and GRPO's k3 penalty (under 10 minutes on 2 CPU cores); "
-                       "full: every regularizer of the study and a proxy trained on 8192 comparisons of the start policy's samples (27 minutes there with --seeds 5); quick: CI-sized runs (a few steps each, 2 seeds).")
+                       "full: every regularizer of the study, 256 steps each, and a proxy trained on 8192 comparisons of the start policy's samples (about an hour there; the README has the measured times); quick: CI-sized runs (a few steps each, 2 seeds).")
     sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
     sizes.add_argument("--full", dest="size", action="store_const", const="full", help="Same as --size full.")
     parser.add_argument("--study-steps", type=int,
-                        help="Train the study's policy runs this many steps instead of the size's (full 24, default 16), probed about 12 "
-                        "times. At 256 the unregularized GRPO and RLOO runs over-optimize (docs/overoptimization.md); each of "
-                        "their runs then takes 2-3 minutes here.")
+                        help="Train the study's policy runs this many steps instead of the size's (full 256, default 16), probed about 12 "
+                        "times (docs/overoptimization.md).")
     parser.add_argument("--seeds", type=int, help=f"Seeds per run (default: {', '.join(f'{k} {v}' for k, v in SEEDS.items())}). Adding seeds reuses the runs of the others.")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="Runs trained at once, one process each (default: 2, or 1 on one core).")
     parser.add_argument(

@@ -220,9 +220,14 @@ def run_policy(start: str, judge: str, proxy_dir: Path, out: Path, size: DemoSiz
 
 def ppo_options(size: DemoSize) -> dict:
     """PPO's own fields: ``study_steps`` rollouts of ``POLICY_BATCH_SIZE`` prompts (one sample each), sampled at
-    temperature 1 like GRPO and RLOO, one optimizer step per rollout."""
+    temperature 1 like GRPO and RLOO, one optimizer step per rollout, and ``missing_eos_penalty=1`` as TRL's PPO
+    example sets it. PPO scores a response that hit ``response_length`` without EOS at its last token, a position the
+    proxy never learned (``RewardTrainer`` appends EOS to every text, and ``ProxyReward`` scores text + EOS); about
+    half of the start policy's 48-token samples have no EOS, and without the penalty PPO's score of those rose to 1.12
+    while the same texts + EOS scored 0.51 (seed 0, step 23; ``docs/overoptimization.md``)."""
     return dict(total_episodes=size.study_steps * POLICY_BATCH_SIZE, response_length=COMPLETION_LENGTH, temperature=1.0, stop_token="eos",
-                num_ppo_epochs=1, num_mini_batches=1, num_sample_generations=0, local_rollout_forward_batch_size=POLICY_BATCH_SIZE)
+                missing_eos_penalty=1.0, num_ppo_epochs=1, num_mini_batches=1, num_sample_generations=0,
+                local_rollout_forward_batch_size=POLICY_BATCH_SIZE)
 
 
 def ppo_trainer(trainer_class, config, start: str, proxy_dir: Path, prompts: Dataset, probe, pretrain):

@@ -20,6 +20,10 @@ from examples.demo.plan import BEST_OF_N, PROXY
 from examples.demo.runs import GRPO_SETTINGS, LABEL_NOISE, SCORE_NOISE, STRENGTH_LABELS, TARGET_CHAR, series
 from examples.demo.stats import fmt, gao_rl_fit, mean_interval
 
+PEAK_MARGIN = 0.1
+"""Gold units by which a seed's best probe must exceed its start, and its last probe fall below that best, for the
+reading to count the seed as having risen and then fallen (the over-optimization shape of one run)."""
+
 KL_KEY = "drift/kl_reverse_sequence"
 
 
@@ -154,13 +158,17 @@ def plot_study(records: dict[str, dict], summary: dict, path: Path) -> None:
                 values = [mean_interval([c[key][i] for c in curves]) for i in range(probes)]
                 line = ax.plot(d, [v["mean"] for v in values], marker="o", ms=3, label=variant)[0]
                 ax.fill_between(d, [v["low"] for v in values], [v["high"] for v in values], color=line.get_color(), alpha=0.15)
+                if variant == REFERENCE_VARIANT and key == "gold_gain":  # each seed's own curve: where its peak is
+                    for curve in curves:
+                        ax.plot(curve["d"], curve[key], color=line.get_color(), lw=0.6, alpha=0.4)
             frontier = summary["frontier"][trainer]
             if key == "gold_gain" and math.isfinite(frontier["alpha"]):
                 xs = [frontier["d_max"] * (i + 1) / 50 for i in range(50)]
                 ax.plot(xs, [x * (frontier["alpha"] - frontier["beta"] * math.log(x)) for x in xs], "k--", lw=1,
                         label=f"fit to '{REFERENCE_VARIANT}': d({frontier['alpha']:.2f} - {frontier['beta']:.2f} log d)")
             ax.axhline(0, color="grey", lw=0.5)
-            ax.set(xlabel="d = sqrt(KL(pi || pi_0)), sequence level", ylabel=label, title=f"{trainer}: {label} (mean over seeds, 95% band)")
+            seeds_note = f"; thin: each seed, {REFERENCE_VARIANT}" if key == "gold_gain" else ""
+            ax.set(xlabel="d = sqrt(KL(pi || pi_0)), sequence level", ylabel=label, title=f"{trainer}: {label} (mean over seeds, 95% band{seeds_note})")
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -361,7 +369,7 @@ def reading(study: dict) -> list[str]:
             f"- **{trainer} without a KL term**: the proxy reward changed by {fmt(ref['proxy_gain_end'])} while the gold reward "
             f"{direction} ({fmt(ref['gold_gain_end'])}) at d = {fmt(ref['d_end'])}; its best probe was a gold gain of "
             f"{fmt(ref['best_gold_gain'])} at d = {fmt(ref['d_at_best'])}. Gao et al.'s form fitted to its pooled seeds, "
-            f"d({frontier['alpha']:.3f} - {frontier['beta']:.3f} log d), {shape}."
+            f"d({frontier['alpha']:.3f} - {frontier['beta']:.3f} log d), {shape}. {rise_and_fall(ref['per_seed'])}"
         )
         for run in runs.values():
             if run["trainer"] != trainer or run["variant"] == REFERENCE_VARIANT:
@@ -388,6 +396,15 @@ def reading(study: dict) -> list[str]:
                                   for name in k1 + k3)
             lines.append(f"- **k1 in the reward vs k3 in the loss ({trainer})**: {described}.")
     return lines
+
+
+def rise_and_fall(per_seed: list[dict]) -> str:
+    """The sentence on each seed's own curve: its best and last gold gains, and in how many seeds the gold rose and
+    then fell (by ``PEAK_MARGIN`` or more each way)."""
+    shaped = sum(s["best_gold_gain"] >= PEAK_MARGIN and s["best_gold_gain"] - s["gold_gain_end"] >= PEAK_MARGIN for s in per_seed)
+    pairs = ", ".join(f"{s['best_gold_gain']:.2f}/{s['gold_gain_end']:.2f}" for s in per_seed)
+    return (f"Per seed, best/last gold gain {pairs}: the gold rose by at least {PEAK_MARGIN:g} and then fell by at least "
+            f"{PEAK_MARGIN:g} in {shaped} of {len(per_seed)} seeds.")
 
 
 def write_report(out: Path, records: dict[str, dict], base: str, size: str, seconds: float) -> tuple[Path, dict]:
